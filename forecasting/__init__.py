@@ -1,0 +1,1 @@
+"""Load forecasting per request type (pure functions over domain types)."""

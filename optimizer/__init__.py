@@ -1,0 +1,1 @@
+"""The layout optimizer: a Pyomo MILP solved by HiGHS. Never touches the database."""

@@ -1,0 +1,1 @@
+"""Telemetry ingestion: parsing request logs and traces into domain rows (pure), and loaders."""

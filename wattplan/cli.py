@@ -1,0 +1,219 @@
+"""The ``wattplan`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from wattplan.errors import WattplanError
+from wattplan.settings import Settings
+
+
+def _cmd_db(args: argparse.Namespace, settings: Settings) -> int:
+    from wattplan import db
+
+    if args.action == "stop":
+        stopped = db.stop_embedded(db.embedded_pgdata(settings))
+        print("embedded PostgreSQL stopped" if stopped else "no embedded PostgreSQL running")
+        return 0
+    urls = db.resolve_urls(settings, stop_at_exit=args.action != "start")
+    if args.action == "start":
+        print(urls.wattplan)
+        return 0
+    if args.action == "url":
+        print(urls.wattplan)
+        return 0
+    with db.connect(urls.wattplan) as engine:
+        applied = db.upgrade(engine)
+    print(
+        f"applied {len(applied)} migration(s): {', '.join(applied)}"
+        if applied
+        else "schema is current"
+    )
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from wattplan import jobs
+
+    engine = jobs.engine_for(settings)
+    try:
+        if args.action == "show":
+            plan, status = jobs.load_plan(engine, args.plan_id)
+            print(
+                json.dumps(
+                    {
+                        "plan_id": plan.plan_id,
+                        "status": status.value,
+                        "gpus": plan.layout.gpus,
+                        "items": [
+                            {
+                                "service": i.service,
+                                "request_type": i.request_type,
+                                "config": i.config.key,
+                                "instances": i.instances,
+                            }
+                            for i in plan.layout.items
+                        ],
+                    },
+                    indent=2,
+                )
+            )
+            return 0
+        decision = "approved" if args.action == "approve" else "rejected"
+        jobs.record_decision(
+            engine, args.plan_id, decision, args.by, datetime.now(UTC), args.comment
+        )
+        print(f"plan {args.plan_id} {decision} by {args.by}")
+        return 0
+    finally:
+        engine.dispose()
+
+
+def _cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    import sqlalchemy as sa
+
+    from wattplan import jobs, report
+
+    engine = jobs.engine_for(settings)
+    try:
+        with engine.connect() as conn:
+            plan_id = (
+                args.plan_id
+                or conn.execute(
+                    sa.text(
+                        "SELECT plan_id FROM plans WHERE cluster = :c"
+                        " ORDER BY window_start_at DESC, created_at DESC LIMIT 1"
+                    ),
+                    {"c": settings.cluster},
+                ).scalar()
+            )
+            if plan_id is None:
+                print("no plans yet: run `wattplan demo` or the plan_cluster DAG", file=sys.stderr)
+                return 1
+            data = report.plan_report(conn, plan_id)
+        paths = report.write_report(data, settings.state_dir / "reports")
+        print(json.dumps(data, indent=2))
+        print(f"report files: {paths[0]} {paths[1]}", file=sys.stderr)
+        return 0
+    finally:
+        engine.dispose()
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from wattplan.demo import run_demo
+
+    return run_demo(settings, keep_running=args.keep_running)
+
+
+def _cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
+    from agent.server import main as agent_main
+
+    agent_main(args.agent_args)
+    return 0
+
+
+def _cmd_airflow(args: argparse.Namespace, settings: Settings) -> int:
+    from wattplan import local_airflow
+
+    if args.action == "start":
+        return local_airflow.start(settings)
+    if args.action == "stop":
+        return local_airflow.stop(settings)
+    return local_airflow.status(settings)
+
+
+def _cmd_profiles(args: argparse.Namespace, settings: Settings) -> int:
+    from profiles.calibrate import main as calibrate_main
+
+    return int(calibrate_main(args.profile_args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="wattplan",
+        description="Energy-aware control plane for LLM inference clusters. Settings come from "
+        "WATTPLAN_* environment variables; with no WATTPLAN_DATABASE_URL an embedded "
+        "PostgreSQL is started in WATTPLAN_STATE_DIR (default ./.wattplan).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("db", help="database: migrate, start/stop the embedded server")
+    p.add_argument(
+        "action",
+        choices=["upgrade", "start", "stop", "url"],
+        help="upgrade: apply pending migrations (a no-op when current); start: leave "
+        "the embedded server running; stop: stop it; url: print the database URL",
+    )
+    p.set_defaults(func=_cmd_db)
+
+    p = sub.add_parser("demo", help="run the thin closed loop on the bundled Azure traces")
+    p.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the embedded database running afterwards (for `make airflow`)",
+    )
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plan", help="show, approve or reject a stored plan")
+    p.add_argument("action", choices=["show", "approve", "reject"])
+    p.add_argument("plan_id")
+    p.add_argument("--by", default=os.environ.get("USER", "operator"), help="who decides")
+    p.add_argument("--comment", default="", help="why")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("report", help="report a plan against the load that arrived")
+    p.add_argument("--plan-id", help="plan to report (default: the newest)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "agent",
+        help="run the reference cluster agent (see `wattplan agent -- --help`)",
+        add_help=False,
+    )
+    p.add_argument("agent_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_agent)
+
+    p = sub.add_parser(
+        "airflow",
+        help="run Airflow's UI on wattplan's state (api-server, "
+        "scheduler, dag-processor as separate processes)",
+    )
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(func=_cmd_airflow)
+
+    p = sub.add_parser(
+        "profiles", help="rebuild the default profile table from bundled data", add_help=False
+    )
+    p.add_argument("profile_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_profiles)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wattplan`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings.from_env()
+        return int(args.func(args, settings) or 0)
+    except WattplanError as exc:
+        print(f"wattplan: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyError as exc:
+        print(f"wattplan: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
