@@ -11,7 +11,9 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import CronDataIntervalTimetable, dag, task
+
+from wattplan.timefmt import cron_for_interval
 
 WINDOW_S = int(os.environ.get("WATTPLAN_WINDOW_S") or 1800)
 CLUSTER_CONN_ID = os.environ.get("WATTPLAN_CLUSTER_CONN_ID") or "wattplan_cluster_default"
@@ -27,7 +29,7 @@ def _settings_and_engine():  # type: ignore[no-untyped-def]
 
 @dag(
     dag_id="plan_cluster",
-    schedule=timedelta(seconds=WINDOW_S),
+    schedule=CronDataIntervalTimetable(cron_for_interval(WINDOW_S), timezone="UTC"),
     start_date=pendulum.datetime(2023, 11, 16, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -68,8 +70,11 @@ def plan_cluster() -> None:
         finally:
             engine.dispose()
 
-    @task
+    @task(multiple_outputs=True)
     def push_plan(plan_id: str) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+        from wattplan_executor.codec import layout_to_dict
+        from wattplan_executor.exceptions import ClusterPermanentError
         from wattplan_executor.hooks import ServingClusterHook
         from wattplan_executor.operators import push_layout
 
@@ -80,7 +85,12 @@ def plan_cluster() -> None:
             plan, _ = jobs.load_plan(engine, plan_id)
         finally:
             engine.dispose()
-        return push_layout(ServingClusterHook(CLUSTER_CONN_ID), plan_id, plan.layout)
+        try:
+            result = push_layout(ServingClusterHook(CLUSTER_CONN_ID), plan_id, plan.layout)
+        except ClusterPermanentError as exc:  # refusals are final: no retry
+            raise AirflowFailException(f"plan {plan_id}: {exc}") from exc
+        # The sensor accepts a push that had nothing to send when the cluster runs this layout.
+        return {**result, "desired": layout_to_dict(plan.layout)}
 
     @task
     def record_applied(plan_id: str, data_interval_end=None) -> bool:  # type: ignore[no-untyped-def]
@@ -106,6 +116,7 @@ def plan_cluster() -> None:
         task_id="wait_until_applied",
         plan_id=plan_id,
         serving_cluster_conn_id=CLUSTER_CONN_ID,
+        desired=pushed["desired"],
         poke_interval=2,
         timeout=600,
     )

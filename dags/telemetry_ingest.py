@@ -9,14 +9,16 @@ import os
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import dag, task
+from airflow.sdk import CronDataIntervalTimetable, dag, task
+
+from wattplan.timefmt import cron_for_interval
 
 INGEST_WINDOW_S = int(os.environ.get("WATTPLAN_INGEST_WINDOW_S") or 300)
 
 
 @dag(
     dag_id="telemetry_ingest",
-    schedule=timedelta(seconds=INGEST_WINDOW_S),
+    schedule=CronDataIntervalTimetable(cron_for_interval(INGEST_WINDOW_S), timezone="UTC"),
     start_date=pendulum.datetime(2023, 11, 16, tz="UTC"),
     catchup=False,
     max_active_runs=4,

@@ -4,6 +4,7 @@ a fresh database per test, and Airflow configured on that server before Airflow 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -68,11 +69,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Drop the Airflow test database and remove the temporary folder."""
+    airflow_settings = sys.modules.get("airflow.settings")
+    if airflow_settings is not None and hasattr(airflow_settings, "dispose_orm"):
+        airflow_settings.dispose_orm()  # close Airflow's pooled connections before the drop
     if "server_url" in _STATE:
-        try:
+        with contextlib.suppress(sa.exc.OperationalError):
             _drop_database(_STATE["server_url"], _STATE["airflow_db"])
-        except sa.exc.OperationalError:
-            pass
     shutil.rmtree(_STATE.get("tmp", ""), ignore_errors=True)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +57,8 @@ def start_embedded(pgdata: Path, *, stop_at_exit: bool) -> str:
     import pgserver  # heavy import; only when no external database is configured
 
     pgdata.mkdir(parents=True, exist_ok=True)
+    # pgserver warns when XDG_RUNTIME_DIR is unset and falls back to /tmp: harmless here.
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
     try:
         server = pgserver.get_server(pgdata, cleanup_mode="stop" if stop_at_exit else None)
     except Exception as exc:  # pgserver raises plain subprocess errors

@@ -164,7 +164,8 @@ def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
 
         progress.start("report")
         _print_reports(settings, urls.wattplan, base_url, token)
-        progress.done(f"demo finished in {progress.elapsed_s:.0f} s")
+        progress.done()
+        print(f"demo finished in {progress.elapsed_s:.0f} s", flush=True)
     finally:
         stop_agent()
     return 0

@@ -18,10 +18,10 @@ from forecasting.peak import ForecastSpec, forecast_peak
 from optimizer.inputs import PlanInputs, SolverOptions
 from optimizer.solve import solve_layout
 from telemetry.reference import parse_carbon_intensity, parse_electricity_prices, parse_gpu_prices
-from telemetry.requests import aggregate_windows, parse_azure_trace
+from telemetry.requests import RejectedRow, RequestRecord, aggregate_windows, parse_azure_trace
 from wattplan import db, store
 from wattplan.domain import Layout, Plan, PlanStatus, RequestTypeBins, digest
-from wattplan.errors import InputDataError
+from wattplan.errors import InputDataError, PlanInputError
 from wattplan.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ def ingest_requests(engine: Engine, settings: Settings, start: datetime, end: da
     """
     bins = RequestTypeBins()
     services = [service for service, _ in settings.request_sources]
-    records = []
-    rejected = []
+    records: list[RequestRecord] = []
+    rejected: list[RejectedRow] = []
     for service, path in settings.request_sources:
         parsed = parse_azure_trace(Path(path), service, bins)
         records.extend(r for r in parsed.records if start <= r.arrived_at < end)
@@ -181,19 +181,20 @@ def propose_plan(engine: Engine, settings: Settings, window_start: datetime) -> 
         PlanInputError: no forecasts or profiles for the window.
         InfeasiblePlanError: the forecast load does not fit the inventory.
     """
-    from profiles import PROFILE_VERSION  # the version the reference loader stores
-
     window_end = window_start + timedelta(seconds=settings.window_s)
     with engine.begin() as conn:
         forecasts = store.read_forecasts(conn, settings.cluster, window_start, settings.window_s)
-        profiles = store.read_profiles(conn, PROFILE_VERSION)
+        profiles = store.read_profiles(conn, settings.profile_version)
         current_plan_id, current = store.read_applied_layout(
             conn, settings.cluster, before=window_start
         )
         context = _plan_context(conn, settings, window_start, window_end)
+    if not profiles:
+        raise PlanInputError(
+            f"no profiles of version {settings.profile_version!r} in the database: run the "
+            "reference_data DAG (or set WATTPLAN_PROFILE_VERSION)"
+        )
     if not forecasts:
-        from wattplan.errors import PlanInputError
-
         raise PlanInputError(
             f"no forecasts for cluster {settings.cluster!r} window {window_start.isoformat()}: "
             "run the forecast task (or the telemetry_ingest DAG) first"
@@ -233,6 +234,7 @@ def propose_plan(engine: Engine, settings: Settings, window_start: datetime) -> 
     solver_record = dict(solution.solver)
     solver_record.update(
         input_digest=input_digest,
+        profile_version=settings.profile_version,
         base_plan_id=current_plan_id,
         carbon_g_per_kwh=context.carbon_g_per_kwh,
         electricity_usd_per_mwh=context.electricity_usd_per_mwh,

@@ -30,10 +30,10 @@ def plan_report(conn: Connection, plan_id: str) -> dict[str, Any]:
                 "SELECT i.service, i.request_type, sum(i.instances * p.capacity_rps)"
                 " AS capacity_rps FROM plan_items i JOIN profiles p ON p.config_key = i.config_key"
                 " AND p.request_type = i.request_type"
-                " AND p.version = (SELECT max(version) FROM profiles)"
+                " AND p.version = :v"
                 " WHERE i.plan_id = :p GROUP BY i.service, i.request_type"
             ),
-            {"p": plan_id},
+            {"p": plan_id, "v": plan.solver.get("profile_version", "v0")},
         )
     }
     minutes = conn.execute(

@@ -82,6 +82,7 @@ class Settings:
         request_sources: (service, Azure-format trace path) pairs the ingest DAG reads.
         service_models: (service, model) pairs: which model serves each service.
         profiles_path: Profile table (CSV) loaded as reference data.
+        profile_version: Version of the stored profiles the planner uses.
         history_s: How far back the forecaster looks.
         startup_s: Cold-start time of one instance (powered, not serving).
         auto_approve: Approve every proposed plan without a person (demo and tests).
@@ -95,7 +96,7 @@ class Settings:
     cluster: str = "demo"
     window_s: int = 1800
     ingest_window_s: int = 300
-    gpu_inventory: int = 64
+    gpu_inventory: int = 256
     gpu_type: str = "H100-80GB"
     forecast_quantile: float = 0.95
     carbon_zone: str = "US-CAL-CISO"
@@ -104,6 +105,7 @@ class Settings:
     request_sources: tuple[tuple[str, str], ...] = ()
     service_models: tuple[tuple[str, str], ...] = ()
     profiles_path: Path = PROJECT_ROOT / "data" / "profiles" / "v0.csv"
+    profile_version: str = "v0"
     history_s: int = 7200
     startup_s: float = 420.0
     auto_approve: bool = False
@@ -135,7 +137,7 @@ class Settings:
             cluster=env.get("WATTPLAN_CLUSTER") or "demo",
             window_s=_int(env, "WATTPLAN_WINDOW_S", 1800),
             ingest_window_s=_int(env, "WATTPLAN_INGEST_WINDOW_S", 300),
-            gpu_inventory=_int(env, "WATTPLAN_GPU_INVENTORY", 64),
+            gpu_inventory=_int(env, "WATTPLAN_GPU_INVENTORY", 256),
             gpu_type=env.get("WATTPLAN_GPU_TYPE") or "H100-80GB",
             forecast_quantile=_float(env, "WATTPLAN_FORECAST_QUANTILE", 0.95),
             carbon_zone=env.get("WATTPLAN_CARBON_ZONE") or "US-CAL-CISO",
@@ -148,6 +150,7 @@ class Settings:
             profiles_path=Path(
                 env.get("WATTPLAN_PROFILES_PATH") or (data_dir / "profiles" / "v0.csv")
             ).resolve(),
+            profile_version=env.get("WATTPLAN_PROFILE_VERSION") or "v0",
             history_s=_int(env, "WATTPLAN_HISTORY_S", 7200),
             startup_s=_float(env, "WATTPLAN_STARTUP_S", 420.0),
             auto_approve=_bool(env, "WATTPLAN_AUTO_APPROVE", False),

@@ -31,7 +31,16 @@ from wattplan.domain import (
 
 
 def _table(name: str, *columns: str) -> sa.TableClause:
-    return sa.table(name, *(sa.column(c) for c in columns))
+    # Columns named here as jsonb bind Python dicts/lists as JSON documents.
+    json_columns = {"solver", "layout"}
+    return sa.table(
+        name, *(sa.column(c, JSONB) if c in json_columns else sa.column(c) for c in columns)
+    )
+
+
+def _json_safe(value: object) -> object:
+    """A JSON-serialisable copy (dates and other objects become strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 REQUEST_LOGS = _table(
@@ -411,11 +420,12 @@ def write_plan(conn: Connection, plan: Plan, created_at: datetime) -> bool:
             min_slo_headroom=p.min_slo_headroom,
             instances_started=p.instances_started,
             instances_stopped=p.instances_stopped,
-            solver=sa.cast(json.dumps(plan.solver, sort_keys=True, default=str), JSONB),
+            solver=_json_safe(plan.solver),
         )
         .on_conflict_do_nothing(index_elements=["plan_id"])
-    ).rowcount
-    if not inserted:
+        .returning(sa.column("plan_id"))
+    ).first()
+    if inserted is None:  # the plan id exists: same window and inputs were planned already
         return False
     rows = [
         {
@@ -533,7 +543,7 @@ def write_applied_state(
         observed_at=observed_at,
         plan_id=plan_id,
         gpus=layout.gpus,
-        layout=sa.cast(json.dumps(payload, sort_keys=True), JSONB),
+        layout=payload,
     )
     conn.execute(
         stmt.on_conflict_do_update(
@@ -550,11 +560,15 @@ def write_applied_state(
 def read_applied_layout(
     conn: Connection, cluster: str, before: datetime | None = None
 ) -> tuple[str | None, Layout]:
-    """The newest recorded layout of a cluster (observed before ``before`` when given)."""
+    """The newest recorded layout of a cluster, observed strictly before ``before`` if given.
+
+    Strictly: a re-run of a window must see the layout that was in force before its first
+    run, not the one that run applied, so that its inputs (and plan id) stay the same.
+    """
     row = conn.execute(
         sa.text(
             "SELECT plan_id, layout FROM applied_cluster_states WHERE cluster = :c"
-            " AND (CAST(:before AS timestamptz) IS NULL OR observed_at <= :before)"
+            " AND (CAST(:before AS timestamptz) IS NULL OR observed_at < :before)"
             " ORDER BY observed_at DESC LIMIT 1"
         ),
         {"c": cluster, "before": before},

@@ -38,7 +38,7 @@ def test_upgrade_creates_the_first_schema_and_records_it(database_url: str) -> N
     with db.connect(database_url) as engine:
         applied = db.upgrade(engine)
         assert applied == [m.name for m in db.discover_migrations()]
-        assert EXPECTED_TABLES <= _tables(engine)
+        assert _tables(engine) >= EXPECTED_TABLES
         with engine.connect() as conn:
             rows = conn.execute(sa.text("SELECT version, checksum FROM schema_migrations")).all()
         assert [r.version for r in rows] == list(range(1, len(applied) + 1))
