@@ -111,13 +111,6 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, keep_running=args.keep_running)
 
 
-def _cmd_agent(args: argparse.Namespace, settings: Settings) -> int:
-    from agent.server import main as agent_main
-
-    agent_main(args.agent_args)
-    return 0
-
-
 def _cmd_airflow(args: argparse.Namespace, settings: Settings) -> int:
     from wattplan import local_airflow
 
@@ -126,12 +119,6 @@ def _cmd_airflow(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "stop":
         return local_airflow.stop(settings)
     return local_airflow.status(settings)
-
-
-def _cmd_profiles(args: argparse.Namespace, settings: Settings) -> int:
-    from profiles.calibrate import main as calibrate_main
-
-    return int(calibrate_main(args.profile_args) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,13 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-id", help="plan to report (default: the newest)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser(
-        "agent",
-        help="run the reference cluster agent (see `wattplan agent -- --help`)",
-        add_help=False,
-    )
-    p.add_argument("agent_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_agent)
+    # Dispatched in main() before parsing; listed here for --help.
+    sub.add_parser("agent", help="run the reference cluster agent (`wattplan agent --help`)")
 
     p = sub.add_parser(
         "airflow",
@@ -189,16 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "stop", "status"])
     p.set_defaults(func=_cmd_airflow)
 
-    p = sub.add_parser(
-        "profiles", help="rebuild the default profile table from bundled data", add_help=False
-    )
-    p.add_argument("profile_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_profiles)
+    sub.add_parser("profiles", help="rebuild data/profiles/v0.csv (`wattplan profiles --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wattplan`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Commands with their own parsers get the rest of the line as it is (``--help`` included).
+    if argv and argv[0] == "agent":
+        from agent.server import main as agent_main
+
+        return int(agent_main(argv[1:]) or 0)
+    if argv and argv[0] == "profiles":
+        from profiles.calibrate import main as calibrate_main
+
+        return int(calibrate_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

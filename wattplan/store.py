@@ -382,7 +382,7 @@ def write_plan(conn: Connection, plan: Plan, created_at: datetime) -> bool:
     Returns whether the plan was new.
     """
     p = plan.prediction
-    inserted = conn.execute(
+    inserted: sa.Row[tuple[str]] | None = conn.execute(
         insert(
             _table(
                 "plans",
