@@ -347,11 +347,13 @@ def test_every_path_the_dockerfile_copies_exists_in_the_repo(dockerfile_lines):
 
 def test_every_packaged_module_is_copied_into_the_image(dockerfile_lines):
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    setuptools = pyproject["tool"]["setuptools"]
+    package_dir = setuptools.get("package-dir", {})
     copied = " ".join(line for line in dockerfile_lines if line.startswith("COPY "))
-    for pattern in include:
-        package = pattern.rstrip("*")
-        assert f" {package}/" in copied, f"pyproject packages {package} but the image lacks it"
+    assert setuptools["packages"], "pyproject lists no packages"
+    for package in setuptools["packages"]:
+        folder = package_dir.get(package, package).split("/")[0]
+        assert f" {folder}/" in copied, f"pyproject packages {package} but the image lacks it"
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context():

@@ -123,8 +123,11 @@ def resolve_urls(settings: Settings, *, stop_at_exit: bool = True) -> DatabaseUr
 
 
 def create_engine(url: str) -> Engine:
-    """SQLAlchemy engine with the project's defaults."""
-    return sa.create_engine(url, pool_pre_ping=True, future=True)
+    """SQLAlchemy engine with the project's defaults (psycopg 3 driver for plain URLs)."""
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return sa.create_engine(parsed, pool_pre_ping=True)
 
 
 @contextmanager
@@ -202,7 +205,15 @@ def upgrade(engine: Engine, sql_dir: Path = SQL_DIR) -> list[str]:
                     )
                 continue
             log.info("applying migration %s", migration.name)
-            conn.exec_driver_sql(migration.sql)
+            # Straight to the driver without parameters, so a literal % in the SQL (format()
+            # in a DO block) is not taken for a placeholder; same transaction as `conn`.
+            try:
+                with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
+                    cursor.execute(migration.sql)
+            except Exception as exc:  # the driver's own error types (psycopg or psycopg2)
+                raise MigrationError(
+                    f"migration {migration.name} failed and nothing was applied: {exc}"
+                ) from exc
             conn.execute(
                 sa.text(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES (:v, :n, :c)"
