@@ -54,11 +54,8 @@ def start_embedded(pgdata: Path, *, stop_at_exit: bool) -> str:
         stop_at_exit: Stop the server when this process exits (unless another process still
             holds it); ``False`` leaves it running for ``wattplan db stop``.
     """
-    import pgserver  # heavy import; only when no external database is configured
-
+    pgserver = _import_pgserver()
     pgdata.mkdir(parents=True, exist_ok=True)
-    # pgserver warns when XDG_RUNTIME_DIR is unset and falls back to /tmp: harmless here.
-    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
     try:
         server = pgserver.get_server(pgdata, cleanup_mode="stop" if stop_at_exit else None)
     except Exception as exc:  # pgserver raises plain subprocess errors
@@ -69,12 +66,24 @@ def start_embedded(pgdata: Path, *, stop_at_exit: bool) -> str:
     return str(server.get_uri())
 
 
+def _import_pgserver():  # type: ignore[no-untyped-def]
+    """Import pgserver (heavy; only when no external database is configured)."""
+    # pgserver (platformdirs) warns when XDG_RUNTIME_DIR is unset; give it a private one.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = Path(tempfile.gettempdir()) / f"wattplan-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        runtime.chmod(0o700)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    import pgserver
+
+    return pgserver
+
+
 def stop_embedded(pgdata: Path) -> bool:
     """Stop the embedded PostgreSQL in ``pgdata``; return whether one was running."""
     if not (pgdata / "postmaster.pid").exists():
         return False
-    import pgserver
-
+    pgserver = _import_pgserver()
     pgserver.get_server(pgdata, cleanup_mode="stop").cleanup()
     return True
 

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 
 from telemetry.reference import GpuPrice, HourlyValue
 from telemetry.requests import RejectedRow, RequestRecord
+from wattplan.bulk import IngestResult
 from wattplan.domain import (
     Layout,
     LayoutItem,
@@ -635,3 +636,40 @@ def write_reconfiguration_events(
 def window_end(start: datetime, window_s: int) -> datetime:
     """End of a window."""
     return start + timedelta(seconds=window_s)
+
+
+def record_ingest_run(
+    conn: Connection, source_kind: str, start: datetime, end: datetime, result: IngestResult
+) -> None:
+    """Record one ingest run's row accounting (re-running the interval overwrites it)."""
+    stmt = insert(
+        _table(
+            "ingest_runs",
+            "source_kind",
+            "interval_start_at",
+            "interval_end_at",
+            "rows_read",
+            "rows_loaded",
+            "rows_rejected",
+            "files",
+        )
+    ).values(
+        source_kind=source_kind,
+        interval_start_at=start,
+        interval_end_at=end,
+        rows_read=result.rows_read,
+        rows_loaded=result.rows_loaded,
+        rows_rejected=result.rows_rejected,
+        files=sa.cast(sa.literal(json.dumps(sorted(result.files))), JSONB),
+    )
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["source_kind", "interval_start_at", "interval_end_at"],
+            set_={
+                "rows_read": stmt.excluded.rows_read,
+                "rows_loaded": stmt.excluded.rows_loaded,
+                "rows_rejected": stmt.excluded.rows_rejected,
+                "files": stmt.excluded.files,
+            },
+        )
+    )
