@@ -57,7 +57,11 @@ class PlanStatus(StrEnum):
 
 @dataclass(frozen=True)
 class TypeWindow:
-    """Observed load of one request type of one service in one window."""
+    """Observed load of one request type of one service in one window.
+
+    The latency percentiles are None where no request of the window carried the measurement
+    (the Azure trace has none; JSONL request logs do).
+    """
 
     service: str
     request_type: str
@@ -68,6 +72,10 @@ class TypeWindow:
     output_tokens: int
     peak_rate_rps: float
     mean_rate_rps: float
+    ttft_p50_s: float | None = None
+    ttft_p99_s: float | None = None
+    tbt_p50_s: float | None = None
+    tbt_p99_s: float | None = None
 
 
 @dataclass(frozen=True)

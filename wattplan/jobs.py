@@ -17,11 +17,10 @@ from sqlalchemy.engine import Engine
 from forecasting.peak import ForecastSpec, forecast_peak
 from optimizer.inputs import PlanInputs, SolverOptions
 from optimizer.solve import solve_layout
-from telemetry.reference import parse_carbon_intensity, parse_electricity_prices, parse_gpu_prices
-from telemetry.requests import RejectedRow, RequestRecord, aggregate_windows, parse_azure_trace
 from wattplan import db, store
-from wattplan.domain import Layout, Plan, PlanStatus, RequestTypeBins, digest
+from wattplan.domain import Layout, Plan, PlanStatus, digest
 from wattplan.errors import InputDataError, PlanInputError
+from wattplan.ingest_requests import RequestSource, load_request_logs
 from wattplan.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,66 +36,69 @@ def engine_for(settings: Settings) -> Engine:
 
 
 def load_reference_data(engine: Engine, settings: Settings) -> dict[str, int]:
-    """Upsert the profile table, the zone's carbon intensity and prices, and GPU prices."""
+    """Upsert the profile table, the zone's carbon intensity and prices, and GPU prices.
+
+    Bad rows in the reference files go to ``rejected_rows``; the counts returned are rows
+    loaded per table.
+    """
     from profiles import load_profiles  # local: only this job needs the CSV reader
+    from wattplan.ingest_reference import (
+        load_carbon_intensity,
+        load_electricity_prices,
+        load_gpu_prices,
+    )
 
     zone = settings.carbon_zone
-    carbon_files = sorted(
-        (settings.data_dir / "electricitymaps-carbon-intensity" / zone).glob("*/*.csv")
-    )
-    price_files = sorted(
-        (settings.data_dir / "sustain-cluster-electricity-prices" / zone).glob("*/*.csv")
-    )
+    carbon_dir = settings.data_dir / "electricitymaps-carbon-intensity" / zone
+    price_dir = settings.data_dir / "sustain-cluster-electricity-prices" / zone
+    carbon_files = sorted(carbon_dir.glob("*/*.csv"))
+    price_files = sorted(price_dir.glob("*/*.csv"))
     gpu_file = settings.data_dir / "fsdl-cloud-gpu-prices" / "cloud-gpus.csv"
     if not carbon_files:
-        raise InputDataError(f"no carbon-intensity files for zone {zone} under {settings.data_dir}")
+        raise InputDataError(f"no carbon-intensity files for zone {zone} under {carbon_dir}")
     counts = {}
     with engine.begin() as conn:
         counts["profiles"] = store.write_profiles(conn, load_profiles(settings.profiles_path))
         counts["carbon_hours"] = sum(
-            store.write_carbon_intensities(conn, parse_carbon_intensity(f)) for f in carbon_files
+            load_carbon_intensity(conn, f).rows_loaded for f in carbon_files
         )
         counts["price_hours"] = sum(
-            store.write_electricity_prices(conn, parse_electricity_prices(f, zone))
-            for f in price_files
+            load_electricity_prices(conn, f, zone).rows_loaded for f in price_files
         )
-        counts["gpu_prices"] = store.write_gpu_prices(conn, parse_gpu_prices(gpu_file))
+        counts["gpu_prices"] = load_gpu_prices(conn, gpu_file).rows_loaded
     return counts
 
 
 # --- requests -------------------------------------------------------------------------------
 
 
+def request_sources(settings: Settings) -> list[RequestSource]:
+    """The configured request-log sources (format from the file: Azure CSV or JSONL)."""
+    return [RequestSource(service, Path(path)) for service, path in settings.request_sources]
+
+
 def ingest_requests(engine: Engine, settings: Settings, start: datetime, end: datetime) -> int:
     """Load the request logs of ``[start, end)`` and aggregate them into type windows.
 
-    Re-running an interval leaves identical rows: request rows upsert on (source, line), and
-    the interval's windows are replaced in the same transaction.
+    Re-running an interval leaves identical rows (the interval is replaced in one
+    transaction); the run's row accounting lands in ``ingest_runs``.
 
     Returns:
-        Requests ingested in the interval.
+        Requests loaded for the interval.
     """
-    bins = RequestTypeBins()
-    services = [service for service, _ in settings.request_sources]
-    records: list[RequestRecord] = []
-    rejected: list[RejectedRow] = []
-    for service, path in settings.request_sources:
-        parsed = parse_azure_trace(Path(path), service, bins)
-        records.extend(r for r in parsed.records if start <= r.arrived_at < end)
-        rejected.extend(parsed.rejected)
-    windows = aggregate_windows(records, start, end, settings.ingest_window_s, services)
     with engine.begin() as conn:
-        store.write_request_logs(conn, records)
-        store.write_rejected_rows(conn, rejected)
-        store.replace_type_windows(conn, windows, start, end, settings.ingest_window_s, services)
+        result = load_request_logs(
+            conn, request_sources(settings), start, end, window_s=settings.ingest_window_s
+        )
     log.info(
-        "ingested %d requests (%d rejected lines) for %s..%s",
-        len(records),
-        len(rejected),
+        "request logs %s..%s: read %d, loaded %d, rejected %d",
         start,
         end,
+        result.rows_read,
+        result.rows_loaded,
+        result.rows_rejected,
     )
-    return len(records)
+    return result.rows_loaded
 
 
 # --- forecasts ------------------------------------------------------------------------------

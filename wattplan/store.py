@@ -16,7 +16,6 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.engine import Connection
 
 from telemetry.reference import GpuPrice, HourlyValue
-from telemetry.requests import RejectedRow, RequestRecord
 from wattplan.bulk import IngestResult
 from wattplan.domain import (
     Layout,
@@ -44,29 +43,6 @@ def _json_safe(value: object) -> object:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-REQUEST_LOGS = _table(
-    "request_logs",
-    "source",
-    "line_no",
-    "service",
-    "arrived_at",
-    "input_tokens",
-    "output_tokens",
-    "request_type",
-)
-REJECTED_ROWS = _table("rejected_rows", "source", "line_no", "raw", "reason")
-TYPE_WINDOWS = _table(
-    "request_type_windows",
-    "service",
-    "request_type",
-    "window_start_at",
-    "window_s",
-    "request_count",
-    "input_tokens",
-    "output_tokens",
-    "peak_rate_rps",
-    "mean_rate_rps",
-)
 FORECASTS = _table(
     "load_forecasts",
     "cluster",
@@ -135,67 +111,6 @@ def _upsert(
 # --- requests -------------------------------------------------------------------------------
 
 
-def write_request_logs(conn: Connection, records: Iterable[RequestRecord]) -> int:
-    """Upsert per-request rows keyed by (source, line_no)."""
-    rows = [
-        {
-            "source": r.source,
-            "line_no": r.line_no,
-            "service": r.service,
-            "arrived_at": r.arrived_at,
-            "input_tokens": r.input_tokens,
-            "output_tokens": r.output_tokens,
-            "request_type": r.request_type,
-        }
-        for r in records
-    ]
-    return _upsert(conn, REQUEST_LOGS, rows, ("source", "line_no"))
-
-
-def write_rejected_rows(conn: Connection, rejected: Iterable[RejectedRow]) -> int:
-    """Keep unparseable input lines with their reason, keyed by (source, line_no)."""
-    rows = [
-        {"source": r.source, "line_no": r.line_no, "raw": r.raw, "reason": r.reason}
-        for r in rejected
-    ]
-    return _upsert(conn, REJECTED_ROWS, rows, ("source", "line_no"))
-
-
-def replace_type_windows(
-    conn: Connection,
-    windows: Sequence[TypeWindow],
-    start: datetime,
-    end: datetime,
-    window_s: int,
-    services: Iterable[str],
-) -> int:
-    """Replace the services' windows of length ``window_s`` in ``[start, end)`` with ``windows``."""
-    conn.execute(
-        sa.text(
-            "DELETE FROM request_type_windows WHERE service = ANY(:services) AND window_s = :w"
-            " AND window_start_at >= :start AND window_start_at < :end"
-        ),
-        {"services": sorted(set(services)), "w": window_s, "start": start, "end": end},
-    )
-    rows = [
-        {
-            "service": w.service,
-            "request_type": w.request_type,
-            "window_start_at": w.window_start,
-            "window_s": w.window_s,
-            "request_count": w.request_count,
-            "input_tokens": w.input_tokens,
-            "output_tokens": w.output_tokens,
-            "peak_rate_rps": w.peak_rate_rps,
-            "mean_rate_rps": w.mean_rate_rps,
-        }
-        for w in windows
-    ]
-    return _upsert(
-        conn, TYPE_WINDOWS, rows, ("service", "request_type", "window_start_at", "window_s")
-    )
-
-
 def read_type_windows(
     conn: Connection, start: datetime, end: datetime, window_s: int
 ) -> list[TypeWindow]:
@@ -203,7 +118,8 @@ def read_type_windows(
     result = conn.execute(
         sa.text(
             "SELECT service, request_type, window_start_at, window_s, request_count, input_tokens,"
-            " output_tokens, peak_rate_rps, mean_rate_rps FROM request_type_windows"
+            " output_tokens, peak_rate_rps, mean_rate_rps, ttft_p50_s, ttft_p99_s, tbt_p50_s,"
+            " tbt_p99_s FROM request_type_windows"
             " WHERE window_s = :w AND window_start_at >= :start AND window_start_at < :end"
             " ORDER BY service, request_type, window_start_at"
         ),
