@@ -1,6 +1,9 @@
-"""telemetry_ingest: load exactly one data interval of request logs into PostgreSQL.
+"""telemetry_ingest: load exactly one data interval of telemetry into PostgreSQL.
 
-Thin adapter: the task takes its window from the run's data interval and calls one job.
+Two independent tasks: request logs (Azure CSV / JSONL sources) and GPU telemetry (closed
+files from the node collectors' spool folder). Each takes its window from the run's data
+interval and calls one job; re-running an interval replaces it, so rows stay identical.
+Backfill: ``airflow backfill create --dag-id telemetry_ingest --from-date ... --to-date ...``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ INGEST_WINDOW_S = int(os.environ.get("WATTPLAN_INGEST_WINDOW_S") or 300)
     doc_md=__doc__,
 )
 def telemetry_ingest() -> None:
-    """Ingest request logs of one interval and aggregate them into request-type windows."""
+    """Ingest one interval: request logs into type windows, GPU samples into instance windows."""
 
     @task
     def ingest_requests(data_interval_start=None, data_interval_end=None) -> int:  # type: ignore[no-untyped-def]
@@ -41,7 +44,22 @@ def telemetry_ingest() -> None:
         finally:
             engine.dispose()
 
+    @task
+    def ingest_gpu_telemetry(data_interval_start=None, data_interval_end=None) -> int:  # type: ignore[no-untyped-def]
+        from wattplan import jobs
+        from wattplan.settings import Settings
+
+        settings = Settings.from_env()
+        engine = jobs.engine_for(settings)
+        try:
+            return jobs.ingest_gpu_telemetry(
+                engine, settings, data_interval_start, data_interval_end
+            )
+        finally:
+            engine.dispose()
+
     ingest_requests()
+    ingest_gpu_telemetry()
 
 
 telemetry_ingest()

@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "stop", "status"])
     p.set_defaults(func=_cmd_airflow)
 
+    sub.add_parser(
+        "collect",
+        help="run the NVML GPU telemetry collector on this node (`wattplan collect --help`; "
+        "--spool-dir defaults to WATTPLAN_GPU_SPOOL_DIR)",
+    )
+    sub.add_parser("bench", help="benchmarks, e.g. `wattplan bench ingest --rows 1000000 --json`")
     sub.add_parser("profiles", help="rebuild data/profiles/v0.csv (`wattplan profiles --help`)")
     return parser
 
@@ -288,6 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from agent.server import main as agent_main
 
         return int(agent_main(argv[1:]) or 0)
+    if argv and argv[0] == "collect":
+        from telemetry.nvml_collector import main as collect_main
+
+        rest = argv[1:]
+        if not any(a == "--spool-dir" or a.startswith("--spool-dir=") for a in rest):
+            rest = ["--spool-dir", str(Settings.from_env().gpu_spool_dir), *rest]
+        return int(collect_main(rest) or 0)
+    if argv and argv[0] == "bench":
+        from wattplan.bench import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
     if argv and argv[0] == "profiles":
         from profiles.calibrate import main as calibrate_main
 

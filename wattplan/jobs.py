@@ -101,6 +101,43 @@ def ingest_requests(engine: Engine, settings: Settings, start: datetime, end: da
     return result.rows_loaded
 
 
+def ingest_gpu_telemetry(engine: Engine, settings: Settings, start: datetime, end: datetime) -> int:
+    """Load the GPU samples of ``[start, end)`` from the collectors' closed spool files.
+
+    Per-instance energy (from NVML energy-counter deltas) and power land in
+    ``instance_windows``; the loader records the run's row accounting in ``ingest_runs``
+    and applies the partition retention even when there are no files. A missing spool
+    folder means no collector writes here: nothing to read.
+
+    Returns:
+        Samples loaded for the interval.
+    """
+    from wattplan.ingest_gpu import list_complete_files, load_gpu_telemetry
+
+    spool = settings.gpu_spool_dir
+    files = list_complete_files(spool, start, end) if spool.is_dir() else []
+    with engine.begin() as conn:
+        result = load_gpu_telemetry(
+            conn,
+            files,
+            start,
+            end,
+            window_s=settings.ingest_window_s,
+            retention_days=settings.telemetry_retention_days,
+        )
+    log.info(
+        "gpu telemetry %s..%s from %d file(s) in %s: read %d, loaded %d, rejected %d",
+        start,
+        end,
+        len(files),
+        spool,
+        result.rows_read,
+        result.rows_loaded,
+        result.rows_rejected,
+    )
+    return result.rows_loaded
+
+
 # --- forecasts ------------------------------------------------------------------------------
 
 

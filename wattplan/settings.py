@@ -87,6 +87,8 @@ class Settings:
         startup_s: Cold-start time of one instance (powered, not serving).
         auto_approve: Approve every proposed plan without a person (demo and tests).
         cluster_conn_id: Airflow Connection of the serving cluster's agent.
+        gpu_spool_dir: Folder where node collectors leave closed GPU telemetry files.
+        telemetry_retention_days: Daily GPU telemetry partitions older than this are dropped.
     """
 
     database_url: str | None = None
@@ -110,6 +112,8 @@ class Settings:
     startup_s: float = 420.0
     auto_approve: bool = False
     cluster_conn_id: str = "wattplan_cluster_default"
+    gpu_spool_dir: Path = PROJECT_ROOT / ".wattplan" / "spool" / "gpu"
+    telemetry_retention_days: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -155,6 +159,10 @@ class Settings:
             startup_s=_float(env, "WATTPLAN_STARTUP_S", 420.0),
             auto_approve=_bool(env, "WATTPLAN_AUTO_APPROVE", False),
             cluster_conn_id=env.get("WATTPLAN_CLUSTER_CONN_ID") or "wattplan_cluster_default",
+            gpu_spool_dir=Path(
+                env.get("WATTPLAN_GPU_SPOOL_DIR") or (state_dir / "spool" / "gpu")
+            ).resolve(),
+            telemetry_retention_days=_int(env, "WATTPLAN_TELEMETRY_RETENTION_DAYS", 30),
         )
         settings.validate()
         return settings
@@ -181,6 +189,8 @@ class Settings:
             problems.append("WATTPLAN_SOLVER_MIP_GAP must be in [0, 1)")
         if self.history_s < self.window_s:
             problems.append("WATTPLAN_HISTORY_S must be at least one planning window")
+        if self.telemetry_retention_days < 1:
+            problems.append("WATTPLAN_TELEMETRY_RETENTION_DAYS must be at least 1")
         if self.startup_s < 0:
             problems.append("WATTPLAN_STARTUP_S must be >= 0")
         services = {name for name, _ in self.request_sources}

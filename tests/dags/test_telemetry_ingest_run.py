@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
+from telemetry.gpu import format_sample_line, spool_file_name
 from wattplan import db
 from wattplan.settings import PROJECT_ROOT
 
@@ -26,6 +28,9 @@ def _snapshot(engine: sa.Engine) -> dict[str, list]:
     queries = {
         "request_logs": "SELECT * FROM request_logs ORDER BY source, line_no",
         "windows": "SELECT * FROM request_type_windows ORDER BY 1, 2, 3, 4",
+        "gpu": "SELECT gpu_uuid, sampled_at, energy_mj FROM gpu_telemetry ORDER BY 1, 2",
+        "instance_windows": "SELECT instance_id, window_start_at, energy_j, mean_power_w"
+        " FROM instance_windows ORDER BY 1, 2",
         "runs": "SELECT source_kind, interval_start_at, interval_end_at, rows_read,"
         " rows_loaded, rows_rejected FROM ingest_runs ORDER BY 1, 2",
     }
@@ -33,10 +38,36 @@ def _snapshot(engine: sa.Engine) -> dict[str, list]:
         return {k: conn.execute(sa.text(q)).all() for k, q in queries.items()}
 
 
+def _write_spool(folder: Path) -> None:
+    """Two GPUs of one instance sampled every second, 18:30-18:50, at 400 W each."""
+    folder.mkdir(parents=True)
+    first = END - timedelta(minutes=10)
+    lines = []
+    for k in range(20 * 60):
+        at = first + timedelta(seconds=k)
+        for index in (0, 1):
+            record = {
+                "gpu_uuid": f"GPU-test-{index}",
+                "sampled_at": at,
+                "node": "node-a",
+                "gpu_index": index,
+                "instance_id": "inst-1",
+                "energy_mj": 10_000_000 + k * 400_000,
+                "power_w": 400.0,
+                "sm_clock_mhz": 1980,
+                "memory_clock_mhz": 2619,
+                "power_limit_w": 700.0,
+            }
+            lines.append(format_sample_line(record))
+    (folder / spool_file_name("node-a", first)).write_text("\n".join(lines) + "\n")
+
+
 def test_ingest_dag_loads_exactly_its_interval_and_reruns_change_nothing(
-    database_url: str, airflow_db: None, monkeypatch: pytest.MonkeyPatch
+    database_url: str, airflow_db: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("WATTPLAN_DATABASE_URL", database_url)
+    _write_spool(tmp_path / "spool")
+    monkeypatch.setenv("WATTPLAN_GPU_SPOOL_DIR", str(tmp_path / "spool"))
     with db.connect(database_url) as engine:
         db.upgrade(engine)
         _run(END)
@@ -54,9 +85,16 @@ def test_ingest_dag_loads_exactly_its_interval_and_reruns_change_nothing(
         # Every (service, type) gets a window row, quiet ones included.
         assert len(first["windows"]) == 2 * 9
 
+        # GPU samples of exactly the interval; 2 GPUs x 400 W x 300 s = 240 kJ.
+        assert len(first["gpu"]) == 2 * 300
+        assert all(start <= row.sampled_at < END for row in first["gpu"])
+        [window] = first["instance_windows"]
+        assert window.energy_j == pytest.approx(2 * 400 * 300)
+        assert window.mean_power_w == pytest.approx(800.0)
+
         # The next interval adds its own rows and leaves the first interval's alone.
         _run(END + timedelta(minutes=5))
         second = _snapshot(engine)
         kept = [r for r in second["request_logs"] if r.arrived_at < END]
         assert kept == first["request_logs"]
-        assert len(second["runs"]) == len(first["runs"]) + 1
+        assert len(second["runs"]) == len(first["runs"]) + 2  # requests and GPU telemetry
