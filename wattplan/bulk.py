@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.engine import Connection
+
+from telemetry.lines import RejectedRow
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,38 @@ def copy_rows(
             copy.write_row(row)
             count += 1
     return count
+
+
+def upsert_rejected_rows(
+    conn: Connection, rejected: Sequence[RejectedRow], source_kind: str
+) -> int:
+    """Upsert rejected lines into ``rejected_rows`` keyed by (source, line_no).
+
+    Staged with COPY in a temporary table, then one ``INSERT ... ON CONFLICT DO UPDATE``;
+    in the caller's transaction. Returns the number of rows written.
+    """
+    if not rejected:
+        return 0
+    conn.execute(
+        sa.text(
+            "CREATE TEMP TABLE IF NOT EXISTS wattplan_rejects_stage (source text, line_no"
+            " integer, raw text, reason text, source_kind text) ON COMMIT DROP"
+        )
+    )
+    conn.execute(sa.text("DELETE FROM wattplan_rejects_stage"))
+    copy_rows(
+        conn,
+        "wattplan_rejects_stage",
+        ("source", "line_no", "raw", "reason", "source_kind"),
+        ((r.source, r.line_no, r.raw, r.reason, source_kind) for r in rejected),
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO rejected_rows (source, line_no, raw, reason, source_kind)"
+            " SELECT DISTINCT ON (source, line_no) source, line_no, raw, reason, source_kind"
+            " FROM wattplan_rejects_stage ORDER BY source, line_no"
+            " ON CONFLICT (source, line_no) DO UPDATE SET raw = excluded.raw,"
+            " reason = excluded.reason, source_kind = excluded.source_kind"
+        )
+    )
+    return len(rejected)

@@ -64,9 +64,8 @@ from telemetry.gpu import (
     read_gpu_file,
     scan_gpu_bytes,
 )
-from telemetry.requests import RejectedRow
 from wattplan import store
-from wattplan.bulk import IngestResult, copy_rows
+from wattplan.bulk import IngestResult, copy_rows, upsert_rejected_rows
 from wattplan.errors import InputDataError
 
 log = logging.getLogger(__name__)
@@ -332,7 +331,7 @@ def load_with_report(
             anchors={**stored_anchors, **scan.anchors},
         )
     rejected = scan.rejected
-    _upsert_rejected_rows(conn, rejected)
+    upsert_rejected_rows(conn, rejected, SOURCE_KIND)
     _replace_instance_windows(
         conn, windows, start, end, window_s, set(scan.instance_id) - {None}, loaded_nodes
     )
@@ -492,36 +491,6 @@ def _read_stored_anchors(
             math.nan if power_w is None else float(power_w),
         )
     return anchors
-
-
-def _upsert_rejected_rows(conn: Connection, rejected: Sequence[RejectedRow]) -> int:
-    """Upsert rejected lines into ``rejected_rows`` keyed by (source, line_no)."""
-    if not rejected:
-        return 0
-    conn.execute(
-        sa.text(
-            "CREATE TEMP TABLE IF NOT EXISTS wattplan_gpu_rejects_stage (source text, line_no"
-            " integer, raw text, reason text) ON COMMIT DROP"
-        )
-    )
-    conn.execute(sa.text("DELETE FROM wattplan_gpu_rejects_stage"))
-    copy_rows(
-        conn,
-        "wattplan_gpu_rejects_stage",
-        ("source", "line_no", "raw", "reason"),
-        ((r.source, r.line_no, r.raw, r.reason) for r in rejected),
-    )
-    conn.execute(
-        sa.text(
-            "INSERT INTO rejected_rows (source, line_no, raw, reason, source_kind)"
-            " SELECT DISTINCT ON (source, line_no) source, line_no, raw, reason, :kind"
-            " FROM wattplan_gpu_rejects_stage ORDER BY source, line_no"
-            " ON CONFLICT (source, line_no) DO UPDATE SET raw = excluded.raw,"
-            " reason = excluded.reason, source_kind = excluded.source_kind"
-        ),
-        {"kind": SOURCE_KIND},
-    )
-    return len(rejected)
 
 
 def _replace_instance_windows(

@@ -37,9 +37,8 @@ from telemetry.servegen import (
     workload_rates,
 )
 from wattplan import store
-from wattplan.bulk import IngestResult, copy_rows
+from wattplan.bulk import IngestResult, copy_rows, upsert_rejected_rows
 from wattplan.errors import InputDataError
-from wattplan.ingest_requests import upsert_rejected_rows
 
 log = logging.getLogger(__name__)
 

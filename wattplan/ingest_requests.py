@@ -41,7 +41,7 @@ from telemetry.requests import (
     parse_azure_trace,
 )
 from wattplan import store
-from wattplan.bulk import IngestResult, copy_rows
+from wattplan.bulk import IngestResult, copy_rows, upsert_rejected_rows
 from wattplan.domain import RequestTypeBins, TypeWindow
 from wattplan.errors import InputDataError
 
@@ -154,41 +154,6 @@ def parse_source(
     if fmt == "azure":
         return parse_azure_trace(src.path, src.service, bins, source=src.name, start=start, end=end)
     return parse_request_log(src.path, src.service, bins, source=src.name, start=start, end=end)
-
-
-def upsert_rejected_rows(
-    conn: Connection, rejected: Sequence[RejectedRow], source_kind: str
-) -> int:
-    """Upsert rejected lines into ``rejected_rows`` keyed by (source, line_no).
-
-    Staged with COPY in a temporary table, then one ``INSERT ... ON CONFLICT DO UPDATE``;
-    in the caller's transaction. Returns the number of rows written.
-    """
-    if not rejected:
-        return 0
-    conn.execute(
-        sa.text(
-            "CREATE TEMP TABLE IF NOT EXISTS wattplan_rejects_stage (source text, line_no"
-            " integer, raw text, reason text, source_kind text) ON COMMIT DROP"
-        )
-    )
-    conn.execute(sa.text("DELETE FROM wattplan_rejects_stage"))
-    copy_rows(
-        conn,
-        "wattplan_rejects_stage",
-        ("source", "line_no", "raw", "reason", "source_kind"),
-        ((r.source, r.line_no, r.raw, r.reason, source_kind) for r in rejected),
-    )
-    conn.execute(
-        sa.text(
-            "INSERT INTO rejected_rows (source, line_no, raw, reason, source_kind)"
-            " SELECT DISTINCT ON (source, line_no) source, line_no, raw, reason, source_kind"
-            " FROM wattplan_rejects_stage ORDER BY source, line_no"
-            " ON CONFLICT (source, line_no) DO UPDATE SET raw = excluded.raw,"
-            " reason = excluded.reason, source_kind = excluded.source_kind"
-        )
-    )
-    return len(rejected)
 
 
 def replace_type_windows(
