@@ -30,6 +30,7 @@ COPY forecasting/ forecasting/
 COPY optimizer/ optimizer/
 COPY profiles/ profiles/
 COPY agent/ agent/
+COPY simulator/ simulator/
 COPY sql/ sql/
 COPY data/ data/
 COPY dags/ dags/

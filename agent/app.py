@@ -1,15 +1,20 @@
-"""FastAPI layer of the cluster agent: routes, bearer auth and the simulated backend.
+"""FastAPI layer of the cluster agent: routes, bearer auth, the apply loop's lifecycle.
 
 Routes (every ``/v1`` route needs ``Authorization: Bearer <token>`` when a token is set):
 
 - ``GET /healthz`` -> ``{"status": "ok"}``
 - ``GET /v1/layout`` -> ``{"cluster", "plan_id", "gpus", "items": [...]}`` (actual layout)
-- ``POST /v1/plans/{plan_id}/changes`` with ``{"base_plan_id", "changes": [...]}`` -> 202
-  ``{"plan_id", "status"}`` when accepted, 200 for a repeat of the same request
-- ``GET /v1/plans/{plan_id}`` -> ``{"plan_id", "status", "applied_at"}``
+- ``GET /v1/status`` -> desired and actual layout, the plan being applied, its wave in
+  flight, the running instances
+- ``POST /v1/plans/{plan_id}/changes`` with ``{"version", "base_plan_id", "changes": [...]}``
+  -> 202 ``{"plan_id", "status"}`` when accepted, 200 for a repeat of the same request
+- ``GET /v1/plans/{plan_id}`` -> ``{"plan_id", "version", "status", "accepted_at",
+  "applied_at", "waves", "message"}``
+- ``GET /v1/journal[?plan_id=...]`` -> ``{"entries": [...]}``: the steps completed, in order
 
 Errors answer ``{"detail": "<what is wrong and how to fix it>"}`` with the status from
-:data:`ERROR_STATUS`.
+:data:`ERROR_STATUS`: 401 bad token, 404 unknown plan, 409 stale version or base plan, plan
+id reused or another plan applying, 422 malformed body or too many GPUs.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,12 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from agent.backends import Backend, SimulatedBackend
+from agent.runner import Applier
 from agent.state import (
     APPLYING,
-    FAILED,
     AgentError,
+    AgentState,
     CapacityError,
     ChangeSetError,
     PlanConflictError,
@@ -38,8 +45,13 @@ from agent.state import (
     StalePlanError,
     StateStore,
     UnknownPlanError,
+    _utc_now,
+    instance_to_dict,
     item_to_dict,
+    step_to_dict,
 )
+from agent.twin import TwinTelemetry
+from wattplan.domain import Layout
 
 log = logging.getLogger(__name__)
 
@@ -51,66 +63,26 @@ ERROR_STATUS: dict[type[AgentError], int] = {
     StalePlanError: 409,
     UnknownPlanError: 404,
 }
+#: How long a POST waits for an instant backend to finish before answering ``applying``.
+SYNC_APPLY_S = 5.0
 
 
-class SimulatedBackend:
-    """Applies accepted plans by completing them in the store after ``apply_delay_s``.
+#: Versions below this are not Unix times of a window start (before 2001): no twin telemetry.
+_MIN_WINDOW_VERSION = 10**9
 
-    With no delay a plan is applied before the request returns; with a delay a daemon timer
-    completes it later, so its status goes ``applying`` -> ``applied``.
 
-    Args:
-        store: The state store to complete plans in.
-        apply_delay_s: Seconds between accepting and applying a plan.
-    """
+def _twin_writer(telemetry: TwinTelemetry) -> Callable[[AgentState, PlanRecord], None]:
+    def write(state: AgentState, record: PlanRecord) -> None:
+        version = record.request.version
+        if version < _MIN_WINDOW_VERSION:
+            log.warning(
+                "plan %s: version %d is not a window start; no telemetry", record.plan_id, version
+            )
+            return
+        path = telemetry.write_window(state.instances, datetime.fromtimestamp(version, UTC))
+        log.info("plan %s: twin telemetry in %s", record.plan_id, path)
 
-    def __init__(self, store: StateStore, apply_delay_s: float = 0.0) -> None:
-        self.store = store
-        self.apply_delay_s = apply_delay_s
-        self._timers: dict[str, threading.Timer] = {}
-        self._lock = threading.Lock()
-
-    def start(self, plan_id: str) -> PlanRecord:
-        """Start applying an accepted plan and return its record as of now."""
-        if self.apply_delay_s <= 0:
-            return self._complete(plan_id)
-        timer = threading.Timer(self.apply_delay_s, self._finish, args=(plan_id,))
-        timer.daemon = True
-        with self._lock:
-            self._timers[plan_id] = timer
-        timer.start()
-        return self.store.plan(plan_id)
-
-    def _complete(self, plan_id: str) -> PlanRecord:
-        record = self.store.complete(plan_id)
-        if record.status == FAILED:
-            log.warning("plan %s failed: %s", plan_id, record.message)
-        else:
-            log.info("plan %s %s", plan_id, record.status)
-        return record
-
-    def _finish(self, plan_id: str) -> None:
-        try:
-            self._complete(plan_id)
-        except Exception:  # a background thread has no caller to raise to
-            log.exception("applying plan %s failed; it stays 'applying' until restart", plan_id)
-        finally:
-            with self._lock:
-                self._timers.pop(plan_id, None)
-
-    def resume(self) -> None:
-        """Restart plans that were still applying when the agent last stopped."""
-        for plan in self.store.snapshot().plans:
-            if plan.status == APPLYING:
-                log.info("resuming plan %s", plan.plan_id)
-                self.start(plan.plan_id)
-
-    def stop(self) -> None:
-        """Cancel pending applications; they resume at the next start (state file kept)."""
-        with self._lock:
-            timers, self._timers = list(self._timers.values()), {}
-        for timer in timers:
-            timer.cancel()
+    return write
 
 
 def _status_of(exc: AgentError) -> int:
@@ -138,9 +110,17 @@ def _require_token(request: Request) -> None:
 def _plan_body(record: PlanRecord) -> dict[str, Any]:
     return {
         "plan_id": record.plan_id,
+        "version": record.request.version,
         "status": record.status,
+        "accepted_at": record.accepted_at.isoformat(),
         "applied_at": record.applied_at.isoformat() if record.applied_at else None,
+        "waves": record.waves,
+        "message": record.message,
     }
+
+
+def _layout_body(layout: Layout) -> dict[str, Any]:
+    return {"gpus": layout.gpus, "items": [item_to_dict(item) for item in layout.items]}
 
 
 def create_app(
@@ -150,6 +130,10 @@ def create_app(
     gpu_capacity: int = 64,
     apply_delay_s: float = 0.0,
     state_path: Path | str | None = None,
+    max_unavailable: int = 1,
+    backend: Backend | None = None,
+    clock: Callable[[], datetime] = _utc_now,
+    telemetry: TwinTelemetry | None = None,
 ) -> FastAPI:
     """Build the agent's FastAPI application.
 
@@ -157,28 +141,37 @@ def create_app(
         cluster: Name of the serving cluster.
         token: Bearer token every ``/v1`` route requires; ``None`` or empty disables auth.
         gpu_capacity: GPUs the cluster has; change sets that need more are refused.
-        apply_delay_s: Seconds the simulated backend takes to apply a plan.
+        apply_delay_s: Seconds each wave takes in the default simulated backend.
         state_path: JSON file that keeps the state across restarts; ``None``: memory only.
+        max_unavailable: Most instances of one pool disrupted at once while applying.
+        backend: Where waves run; default a :class:`SimulatedBackend` with ``apply_delay_s``.
+        clock: Source of acceptance and application times.
+        telemetry: With the simulated backend, writes the GPU samples of each applied plan's
+            window (:mod:`agent.twin`); the plan's version is taken as its window start.
 
     Returns:
-        The application; plans left applying by a previous run resume at startup.
+        The application; a plan left applying by a previous run resumes at startup.
 
     Raises:
         StateFileError: the state file is unreadable or belongs to another cluster.
     """
-    store = StateStore(cluster, gpu_capacity, state_path)
-    backend = SimulatedBackend(store, apply_delay_s)
+    store = StateStore(cluster, gpu_capacity, state_path, clock, max_unavailable)
+    backend = backend if backend is not None else SimulatedBackend(apply_delay_s)
+    applier = Applier(store, backend, _twin_writer(telemetry) if telemetry else None)
+    instant = isinstance(backend, SimulatedBackend) and backend.wave_s == 0
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(backend.resume)
+        await run_in_threadpool(applier.start)
         yield
-        backend.stop()
+        await run_in_threadpool(applier.stop)
+        backend.close()
 
     app = FastAPI(title=f"wattplan cluster agent ({cluster})", lifespan=lifespan)
     app.state.token = token
     app.state.store = store
     app.state.backend = backend
+    app.state.applier = applier
 
     @app.exception_handler(AgentError)
     async def agent_error(_: Request, exc: AgentError) -> JSONResponse:
@@ -196,8 +189,30 @@ def create_app(
         return {
             "cluster": state.cluster,
             "plan_id": state.applied_plan_id,
-            "gpus": state.layout.gpus,
-            "items": [item_to_dict(item) for item in state.layout.items],
+            **_layout_body(state.layout),
+        }
+
+    @v1.get("/status")
+    def get_status() -> dict[str, Any]:
+        state = store.snapshot()
+        applying = state.applying()
+        return {
+            "cluster": state.cluster,
+            "backend": backend.name,
+            "gpu_capacity": store.gpu_capacity,
+            "max_unavailable": store.max_unavailable,
+            "plan_version": state.version,
+            "applied_plan_id": state.applied_plan_id,
+            "applying": None
+            if applying is None
+            else {
+                "plan_id": applying.plan_id,
+                "waves_done": applying.waves,
+                "in_flight": [step_to_dict(step) for step in state.in_flight],
+            },
+            "desired": _layout_body(state.desired),
+            "actual": _layout_body(state.layout),
+            "instances": [instance_to_dict(inst) for inst in state.instances],
         }
 
     @v1.post("/plans/{plan_id}/changes")
@@ -208,7 +223,10 @@ def create_app(
             raise ChangeSetError(f"body: not valid JSON ({exc})") from exc
         record, created = await run_in_threadpool(store.submit, plan_id, body)
         if created and record.status == APPLYING:
-            record = await run_in_threadpool(backend.start, plan_id)
+            applier.poke()
+            if instant:
+                await run_in_threadpool(applier.wait_idle, SYNC_APPLY_S)
+            record = store.plan(plan_id)
         return JSONResponse(
             status_code=202 if created else 200,
             content={"plan_id": record.plan_id, "status": record.status},
@@ -217,6 +235,22 @@ def create_app(
     @v1.get("/plans/{plan_id}")
     def get_plan(plan_id: str) -> dict[str, Any]:
         return _plan_body(store.plan(plan_id))
+
+    @v1.get("/journal")
+    def get_journal(plan_id: str | None = None) -> dict[str, Any]:
+        entries = store.snapshot().journal
+        return {
+            "entries": [
+                {
+                    "plan_id": e.plan_id,
+                    "wave": e.wave,
+                    "done_at": e.done_at.isoformat(),
+                    **step_to_dict(e.step),
+                }
+                for e in entries
+                if plan_id is None or e.plan_id == plan_id
+            ]
+        }
 
     app.include_router(v1)
     return app

@@ -1,4 +1,5 @@
-"""Cluster agent state: pure layout rules, plus a small thread-safe store that persists them.
+"""Cluster agent state: pure rules over frozen values, plus a small thread-safe store that
+persists them.
 
 Wire format of one item, in change sets and in ``GET /v1/layout``::
 
@@ -8,6 +9,16 @@ Wire format of one item, in change sets and in ``GET /v1/layout``::
 A *slot* is everything but ``instances``: (service, request type, serving config). In a change
 set ``instances`` is the slot's *target* count (0 removes the slot), so applying the same change
 set twice gives the same layout.
+
+The agent keeps the *desired* layout (what the last accepted plan wants) and the *actual*
+instances (what runs). Accepting a plan only sets the desired layout; the apply loop
+(:mod:`agent.runner`) moves the actual instances towards it wave by wave
+(:mod:`agent.rollout`) and saves the state after every wave, and announces each wave before
+it runs it (``in_flight``), so an apply interrupted by a crash or restart resumes where it
+stopped and no step is lost or recorded twice.
+
+Plans carry a *version*; the agent accepts only versions above the highest it accepted
+(409 otherwise), so an old plan that arrives late cannot undo a newer one.
 
 Everything above :class:`StateStore` is a pure function over frozen values; the store is the one
 place that holds a lock, reads the clock and writes the state file.
@@ -25,6 +36,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.rollout import (
+    STEP_KINDS,
+    Instance,
+    Step,
+    apply_wave,
+    layout_of,
+    next_wave,
+)
 from wattplan.domain import Layout, LayoutItem, ServingConfig, digest
 from wattplan.errors import WattplanError
 
@@ -48,11 +67,13 @@ ITEM_FIELDS: tuple[str, ...] = (
 )
 _OPTIONAL_ITEM_FIELDS = frozenset({"clock_mhz"})
 #: Fields of a change-set body.
-REQUEST_FIELDS: tuple[str, ...] = ("base_plan_id", "changes")
+REQUEST_FIELDS: tuple[str, ...] = ("version", "base_plan_id", "changes")
 #: Plans remembered for idempotency; older finished plans are forgotten first.
 PLAN_HISTORY = 1000
+#: Journal entries kept (steps the backend completed), oldest dropped first.
+JOURNAL_HISTORY = 10_000
 #: Version of the state file layout.
-STATE_FILE_VERSION = 1
+STATE_FILE_VERSION = 2
 _MAX_PLAN_ID_CHARS = 200
 
 
@@ -73,7 +94,8 @@ class PlanConflictError(AgentError, RuntimeError):
 
 
 class StalePlanError(AgentError, RuntimeError):
-    """A change set was computed against a plan the cluster no longer runs."""
+    """A plan's version is not above the last accepted one, or its base plan is not the one
+    the cluster runs."""
 
 
 class UnknownPlanError(AgentError, LookupError):
@@ -89,10 +111,12 @@ class ChangeRequest:
     """A validated change set: target counts for slots, against a base plan.
 
     Attributes:
+        version: The plan's version; must exceed every version the agent accepted before.
         base_plan_id: The plan the sender believes the cluster runs (``None``: none yet).
         changes: One item per slot; ``instances`` is the slot's target count.
     """
 
+    version: int
     base_plan_id: str | None
     changes: tuple[LayoutItem, ...] = ()
 
@@ -100,7 +124,9 @@ class ChangeRequest:
     def fingerprint(self) -> str:
         """Digest of the request, independent of the order of its changes."""
         items = [item_to_dict(item) for item in sorted(self.changes, key=item_sort_key)]
-        return digest({"base_plan_id": self.base_plan_id, "changes": items})
+        return digest(
+            {"version": self.version, "base_plan_id": self.base_plan_id, "changes": items}
+        )
 
 
 @dataclass(frozen=True)
@@ -114,6 +140,7 @@ class PlanRecord:
         accepted_at: When the agent accepted it.
         applied_at: When it finished applying, or ``None``.
         message: Why it failed, empty otherwise.
+        waves: Waves completed for it so far.
     """
 
     plan_id: str
@@ -122,23 +149,56 @@ class PlanRecord:
     accepted_at: datetime
     applied_at: datetime | None = None
     message: str = ""
+    waves: int = 0
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One step the backend completed, in order.
+
+    Attributes:
+        plan_id: The plan the step belonged to.
+        wave: Number of the wave within the plan (1-based).
+        step: The step.
+        done_at: When the wave completed.
+    """
+
+    plan_id: str
+    wave: int
+    step: Step
+    done_at: datetime
 
 
 @dataclass(frozen=True)
 class AgentState:
-    """Everything the agent knows: the actual layout, its plan and the plans it accepted.
+    """Everything the agent knows.
 
     Attributes:
         cluster: Name of the serving cluster.
+        version: Highest plan version accepted (0: none).
         applied_plan_id: Last plan that finished applying, or ``None``.
-        layout: What the cluster runs now.
+        desired: What the last accepted plan wants to run.
+        instances: What runs now (the actual layout), sorted by id.
+        in_flight: The wave being run now (announced before it runs), or empty.
         plans: Accepted plans, oldest first.
+        journal: Steps completed, oldest first.
+        next_number: Number of the next instance id.
     """
 
     cluster: str
+    version: int = 0
     applied_plan_id: str | None = None
-    layout: Layout = Layout()
+    desired: Layout = Layout()
+    instances: tuple[Instance, ...] = ()
+    in_flight: tuple[Step, ...] = ()
     plans: tuple[PlanRecord, ...] = ()
+    journal: tuple[JournalEntry, ...] = ()
+    next_number: int = 1
+
+    @property
+    def layout(self) -> Layout:
+        """The actual layout (counts per slot of the running instances)."""
+        return layout_of(self.instances)
 
     def plan(self, plan_id: str) -> PlanRecord | None:
         """Return the record of ``plan_id``, or ``None`` when it was never accepted."""
@@ -166,11 +226,12 @@ def _require_str(raw: Mapping[str, Any], key: str, where: str) -> str:
 
 def _require_int(raw: Mapping[str, Any], key: str, where: str, *, minimum: int) -> int:
     value = raw[key]
+    name = key if where == "body" else f"{where}.{key}"
     # bool is an int subclass; ``true`` is never a valid count.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _field_error(f"{where}.{key}", f"must be an integer, got {value!r}")
+        raise _field_error(name, f"must be an integer, got {value!r}")
     if value < minimum:
-        raise _field_error(f"{where}.{key}", f"must be >= {minimum}, got {value}")
+        raise _field_error(name, f"must be >= {minimum}, got {value}")
     return value
 
 
@@ -261,7 +322,8 @@ def parse_change_request(body: object) -> ChangeRequest:
     """Validate a ``POST /v1/plans/{plan_id}/changes`` body.
 
     Args:
-        body: The decoded JSON body: ``{"base_plan_id": str | null, "changes": [item, ...]}``.
+        body: The decoded JSON body: ``{"version": int, "base_plan_id": str | null,
+            "changes": [item, ...]}``.
 
     Returns:
         The validated request.
@@ -278,6 +340,7 @@ def parse_change_request(body: object) -> ChangeRequest:
     missing = [key for key in REQUEST_FIELDS if key not in body]
     if missing:
         raise _field_error(missing[0], "missing required field (use null for no base plan)")
+    version = _require_int(body, "version", "body", minimum=1)
     base_plan_id = body["base_plan_id"]
     if base_plan_id is not None and (not isinstance(base_plan_id, str) or not base_plan_id):
         raise _field_error(
@@ -293,7 +356,7 @@ def parse_change_request(body: object) -> ChangeRequest:
         if slot in seen:
             raise _field_error(f"changes[{i}]", f"names the same slot as changes[{seen[slot]}]")
         seen[slot] = i
-    return ChangeRequest(base_plan_id=base_plan_id, changes=changes)
+    return ChangeRequest(version=version, base_plan_id=base_plan_id, changes=changes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,7 +411,8 @@ def submit_plan(
     """Accept a change set under ``plan_id``, or return the earlier outcome of the same one.
 
     The plan id is the idempotency key: the same id with the same body returns the existing
-    record unchanged. An empty change set is applied at once.
+    record unchanged. Accepting sets the desired layout; the apply loop does the rest. A
+    change set that changes nothing is applied at once.
 
     Args:
         state: The current state.
@@ -362,7 +426,8 @@ def submit_plan(
 
     Raises:
         PlanConflictError: the id was used with a different body, or another plan is applying.
-        StalePlanError: ``request.base_plan_id`` is not the plan the cluster runs.
+        StalePlanError: the version is not above the last accepted one, or
+            ``request.base_plan_id`` is not the plan the cluster runs.
         CapacityError: the resulting layout does not fit in ``gpu_capacity``.
     """
     existing = state.plan(plan_id)
@@ -379,50 +444,105 @@ def submit_plan(
             f"cluster {state.cluster!r} is still applying plan {busy.plan_id!r}; "
             "wait until it is applied, then read the layout and diff again"
         )
+    if request.version <= state.version:
+        raise StalePlanError(
+            f"version {request.version} is stale: cluster {state.cluster!r} already accepted "
+            f"version {state.version}; a plan must carry a higher version than every plan "
+            "before it"
+        )
     if request.base_plan_id != state.applied_plan_id:
         raise StalePlanError(
             f"base_plan_id {request.base_plan_id!r} is stale: cluster {state.cluster!r} runs "
             f"plan {state.applied_plan_id!r}; read GET /v1/layout and diff again"
         )
-    check_capacity(apply_changes(state.layout, request.changes), gpu_capacity)
+    desired = apply_changes(state.layout, request.changes)
+    check_capacity(desired, gpu_capacity)
     record = PlanRecord(plan_id=plan_id, request=request, status=APPLYING, accepted_at=now)
-    plans = _trim_history((*state.plans, record))
-    new_state = replace(state, plans=plans)
-    if not request.changes:
-        new_state = complete_plan(new_state, plan_id, gpu_capacity=gpu_capacity, now=now)
+    new_state = replace(
+        state,
+        version=request.version,
+        desired=desired,
+        plans=_trim_history((*state.plans, record)),
+    )
+    if desired == state.layout:
+        new_state = complete_plan(new_state, plan_id, now=now)
     result = new_state.plan(plan_id)
     assert result is not None
     return new_state, result, True
 
 
-def complete_plan(
-    state: AgentState, plan_id: str, *, gpu_capacity: int, now: datetime
-) -> AgentState:
-    """Finish applying ``plan_id``: the actual layout becomes the planned one.
+def plan_next_wave(state: AgentState, *, gpu_capacity: int, max_unavailable: int) -> AgentState:
+    """Announce the next wave of the plan being applied (``in_flight``).
 
-    A plan that no longer fits (the agent restarted with fewer GPUs) is marked failed and the
-    layout is left as it was. Completing a finished plan changes nothing.
+    A wave already in flight is kept as it is (it is run again after a restart). Nothing
+    changes when no plan is applying.
+
+    Raises:
+        ValueError: the desired layout cannot be reached (see :func:`agent.rollout.next_wave`).
+    """
+    if state.in_flight or state.applying() is None:
+        return state
+    wave = next_wave(
+        state.instances,
+        state.desired,
+        gpu_capacity=gpu_capacity,
+        max_unavailable=max_unavailable,
+        next_number=state.next_number,
+    )
+    started = sum(1 for step in wave if step.kind == "start")
+    return replace(state, in_flight=tuple(wave), next_number=state.next_number + started)
+
+
+def commit_wave(state: AgentState, *, now: datetime) -> AgentState:
+    """Record that the wave in flight completed: the instances change, the journal grows.
+
+    Raises:
+        ValueError: no wave is in flight, or it does not fit the instances.
+    """
+    record = state.applying()
+    if not state.in_flight or record is None:
+        raise ValueError("no wave in flight")
+    number = record.waves + 1
+    entries = tuple(JournalEntry(record.plan_id, number, step, now) for step in state.in_flight)
+    return replace(
+        state,
+        instances=apply_wave(state.instances, state.in_flight),
+        in_flight=(),
+        plans=_replace_plan(state.plans, replace(record, waves=number)),
+        journal=(*state.journal, *entries)[-JOURNAL_HISTORY:],
+    )
+
+
+def complete_plan(state: AgentState, plan_id: str, *, now: datetime) -> AgentState:
+    """Mark ``plan_id`` applied once the instances match the desired layout.
+
+    Completing a finished plan changes nothing.
 
     Raises:
         UnknownPlanError: the plan was never accepted.
+        ValueError: the instances do not match the desired layout yet.
     """
     record = state.plan(plan_id)
     if record is None:
         raise UnknownPlanError(f"plan {plan_id!r} is unknown to cluster {state.cluster!r}")
     if record.status != APPLYING:
         return state
-    target = apply_changes(state.layout, record.request.changes)
-    try:
-        check_capacity(target, gpu_capacity)
-    except CapacityError as exc:
-        done = replace(record, status=FAILED, message=str(exc))
-        return replace(state, plans=_replace_plan(state.plans, done))
+    if state.layout != state.desired or state.in_flight:
+        raise ValueError(f"plan {plan_id} is not applied yet")
     done = replace(record, status=APPLIED, applied_at=now)
+    return replace(state, applied_plan_id=plan_id, plans=_replace_plan(state.plans, done))
+
+
+def fail_plan(state: AgentState, plan_id: str, message: str) -> AgentState:
+    """Give up applying ``plan_id``: it is marked failed and the desired layout becomes what
+    runs (the instances already moved stay as they are; the next plan starts from them).
+    """
+    record = state.plan(plan_id)
+    if record is None or record.status != APPLYING:
+        return state
+    done = replace(record, status=FAILED, message=message)
     return replace(
-        state,
-        applied_plan_id=plan_id,
-        layout=target,
-        plans=_replace_plan(state.plans, done),
+        state, desired=state.layout, in_flight=(), plans=_replace_plan(state.plans, done)
     )
 
 
@@ -447,24 +567,113 @@ def _trim_history(plans: tuple[PlanRecord, ...]) -> tuple[PlanRecord, ...]:
 # State file (JSON)
 
 
+def _config_to_dict(config: ServingConfig | None) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    return {
+        "model": config.model,
+        "gpu_type": config.gpu_type,
+        "tp": config.tp,
+        "power_cap_w": config.power_cap_w,
+        "clock_mhz": config.clock_mhz,
+    }
+
+
+def _config_from_dict(raw: Mapping[str, Any] | None) -> ServingConfig | None:
+    if raw is None:
+        return None
+    return ServingConfig(
+        raw["model"], raw["gpu_type"], int(raw["tp"]), int(raw["power_cap_w"]), raw["clock_mhz"]
+    )
+
+
+def step_to_dict(step: Step) -> dict[str, Any]:
+    """JSON form of a step (state file, ``GET /v1/status``, journal)."""
+    return {
+        "kind": step.kind,
+        "instance_id": step.instance_id,
+        "service": step.service,
+        "request_type": step.request_type,
+        "source": _config_to_dict(step.source),
+        "target": _config_to_dict(step.target),
+        "gpus": list(step.gpus),
+    }
+
+
+def _step_from_dict(raw: Mapping[str, Any]) -> Step:
+    if raw["kind"] not in STEP_KINDS:
+        raise StateFileError(f"step kind {raw['kind']!r} is unknown")
+    return Step(
+        raw["kind"],
+        raw["instance_id"],
+        raw["service"],
+        raw["request_type"],
+        _config_from_dict(raw["source"]),
+        _config_from_dict(raw["target"]),
+        tuple(int(g) for g in raw["gpus"]),
+    )
+
+
+def instance_to_dict(inst: Instance) -> dict[str, Any]:
+    """JSON form of an instance (state file, ``GET /v1/status``)."""
+    return {
+        "instance_id": inst.instance_id,
+        "service": inst.service,
+        "request_type": inst.request_type,
+        **(_config_to_dict(inst.config) or {}),
+        "gpus": list(inst.gpus),
+    }
+
+
+def _instance_from_dict(raw: Mapping[str, Any]) -> Instance:
+    config = _config_from_dict(raw)
+    assert config is not None
+    return Instance(
+        raw["instance_id"],
+        raw["service"],
+        raw["request_type"],
+        config,
+        tuple(int(g) for g in raw["gpus"]),
+    )
+
+
+def _time(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
 def state_to_dict(state: AgentState) -> dict[str, Any]:
     """Return the JSON form of ``state`` written to the state file."""
     return {
         "version": STATE_FILE_VERSION,
         "cluster": state.cluster,
+        "plan_version": state.version,
         "applied_plan_id": state.applied_plan_id,
-        "items": [item_to_dict(item) for item in state.layout.items],
+        "desired": [item_to_dict(item) for item in state.desired.items],
+        "instances": [instance_to_dict(inst) for inst in state.instances],
+        "in_flight": [step_to_dict(step) for step in state.in_flight],
+        "next_number": state.next_number,
         "plans": [
             {
                 "plan_id": plan.plan_id,
+                "plan_version": plan.request.version,
                 "base_plan_id": plan.request.base_plan_id,
                 "changes": [item_to_dict(item) for item in plan.request.changes],
                 "status": plan.status,
                 "accepted_at": plan.accepted_at.isoformat(),
-                "applied_at": plan.applied_at.isoformat() if plan.applied_at else None,
+                "applied_at": _time(plan.applied_at),
                 "message": plan.message,
+                "waves": plan.waves,
             }
             for plan in state.plans
+        ],
+        "journal": [
+            {
+                "plan_id": entry.plan_id,
+                "wave": entry.wave,
+                "done_at": entry.done_at.isoformat(),
+                **step_to_dict(entry.step),
+            }
+            for entry in state.journal
         ],
     }
 
@@ -477,31 +686,53 @@ def state_from_dict(raw: Mapping[str, Any]) -> AgentState:
     """
     try:
         if raw.get("version") != STATE_FILE_VERSION:
-            raise StateFileError(f"version={raw.get('version')!r}, expected {STATE_FILE_VERSION}")
-        items = tuple(parse_item(item, f"items[{i}]") for i, item in enumerate(raw["items"]))
+            raise StateFileError(
+                f"version={raw.get('version')!r}, expected {STATE_FILE_VERSION} (a file of an "
+                "older agent: stop its serving instances, then delete the file)"
+            )
+        desired = tuple(parse_item(item, f"desired[{i}]") for i, item in enumerate(raw["desired"]))
         plans = []
         for i, plan in enumerate(raw["plans"]):
             if plan["status"] not in PLAN_STATUSES:
                 raise StateFileError(f"plans[{i}].status={plan['status']!r} is not a status")
             request = parse_change_request(
-                {"base_plan_id": plan["base_plan_id"], "changes": plan["changes"]}
+                {
+                    "version": plan["plan_version"],
+                    "base_plan_id": plan["base_plan_id"],
+                    "changes": plan["changes"],
+                }
             )
-            applied_at = plan["applied_at"]
             plans.append(
                 PlanRecord(
                     plan_id=plan["plan_id"],
                     request=request,
                     status=plan["status"],
                     accepted_at=datetime.fromisoformat(plan["accepted_at"]),
-                    applied_at=datetime.fromisoformat(applied_at) if applied_at else None,
+                    applied_at=(
+                        datetime.fromisoformat(plan["applied_at"]) if plan["applied_at"] else None
+                    ),
                     message=plan.get("message", ""),
+                    waves=int(plan.get("waves", 0)),
                 )
             )
         return AgentState(
             cluster=raw["cluster"],
+            version=int(raw["plan_version"]),
             applied_plan_id=raw["applied_plan_id"],
-            layout=Layout(items=tuple(sorted(items, key=item_sort_key))),
+            desired=Layout(items=tuple(sorted(desired, key=item_sort_key))),
+            instances=tuple(_instance_from_dict(inst) for inst in raw["instances"]),
+            in_flight=tuple(_step_from_dict(step) for step in raw["in_flight"]),
             plans=tuple(plans),
+            journal=tuple(
+                JournalEntry(
+                    entry["plan_id"],
+                    int(entry["wave"]),
+                    _step_from_dict(entry),
+                    datetime.fromisoformat(entry["done_at"]),
+                )
+                for entry in raw["journal"]
+            ),
+            next_number=int(raw["next_number"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, StateFileError):
@@ -522,6 +753,7 @@ class StateStore:
         state_path: JSON file to load at start and rewrite (atomically) after every change;
             ``None`` keeps the state in memory only.
         clock: Source of acceptance and application times.
+        max_unavailable: Most instances of one pool disrupted at once while applying.
 
     Raises:
         StateFileError: the state file is unreadable or was written for another cluster.
@@ -533,9 +765,13 @@ class StateStore:
         gpu_capacity: int,
         state_path: Path | str | None = None,
         clock: Callable[[], datetime] = _utc_now,
+        max_unavailable: int = 1,
     ) -> None:
+        if max_unavailable < 1:
+            raise ValueError(f"max_unavailable must be >= 1, got {max_unavailable}")
         self.cluster = cluster
         self.gpu_capacity = gpu_capacity
+        self.max_unavailable = max_unavailable
         self.state_path = Path(state_path) if state_path is not None else None
         self._clock = clock
         self._lock = threading.Lock()
@@ -571,10 +807,24 @@ class StateStore:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
             os.replace(tmp, self.state_path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _update(self, change: Callable[[AgentState], AgentState]) -> AgentState:
+        with self._lock:
+            state = change(self._state)
+            if state is not self._state:
+                self._save(state)
+                self._state = state
+            return state
+
+    def now(self) -> datetime:
+        """The store's clock."""
+        return self._clock()
 
     def snapshot(self) -> AgentState:
         """Return the current state (an immutable value)."""
@@ -613,15 +863,42 @@ class StateStore:
                 self._state = state
             return record, created
 
-    def complete(self, plan_id: str) -> PlanRecord:
-        """Finish applying ``plan_id``; see :func:`complete_plan`."""
-        with self._lock:
-            state = complete_plan(
-                self._state, plan_id, gpu_capacity=self.gpu_capacity, now=self._clock()
-            )
-            if state is not self._state:
-                self._save(state)
-                self._state = state
-            record = state.plan(plan_id)
-            assert record is not None
-            return record
+    def next_wave(self) -> tuple[PlanRecord, tuple[Step, ...]] | None:
+        """Announce (and save) the next wave of the applying plan, or finish the plan.
+
+        Returns:
+            ``(plan, wave)`` to run, or ``None`` when no plan is applying (any plan whose
+            instances reached the desired layout is marked applied; one that cannot reach it
+            is marked failed).
+        """
+
+        def step(state: AgentState) -> AgentState:
+            record = state.applying()
+            if record is None:
+                return state
+            if not state.in_flight and state.layout == state.desired:
+                return complete_plan(state, record.plan_id, now=self._clock())
+            try:
+                check_capacity(state.desired, self.gpu_capacity)
+                return plan_next_wave(
+                    state, gpu_capacity=self.gpu_capacity, max_unavailable=self.max_unavailable
+                )
+            except (CapacityError, ValueError) as exc:
+                return fail_plan(state, record.plan_id, str(exc))
+
+        state = self._update(step)
+        record = state.applying()
+        if record is None:
+            return None
+        return record, state.in_flight
+
+    def commit_wave(self) -> AgentState:
+        """Record that the wave in flight completed; see :func:`commit_wave`."""
+        return self._update(lambda state: commit_wave(state, now=self._clock()))
+
+    def fail(self, plan_id: str, message: str) -> PlanRecord:
+        """Mark ``plan_id`` failed; see :func:`fail_plan`."""
+        state = self._update(lambda state: fail_plan(state, plan_id, message))
+        record = state.plan(plan_id)
+        assert record is not None
+        return record

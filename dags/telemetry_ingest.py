@@ -1,7 +1,8 @@
 """telemetry_ingest: load exactly one data interval of telemetry into PostgreSQL.
 
-Two independent tasks: request logs (Azure CSV / JSONL sources) and GPU telemetry (closed
-files from the node collectors' spool folder). Each takes its window from the run's data
+Three independent tasks: request logs (Azure CSV / JSONL sources), GPU telemetry (closed
+files from the node collectors' spool folder) and clock changes (closed event files of the
+cluster agents' clock loop and power guard). Each takes its window from the run's data
 interval and calls one job; re-running an interval replaces it, so rows stay identical.
 Backfill: ``airflow backfill create --dag-id telemetry_ingest --from-date ... --to-date ...``.
 """
@@ -58,8 +59,23 @@ def telemetry_ingest() -> None:
         finally:
             engine.dispose()
 
+    @task
+    def ingest_clock_changes(data_interval_start=None, data_interval_end=None) -> int:  # type: ignore[no-untyped-def]
+        from wattplan import jobs
+        from wattplan.settings import Settings
+
+        settings = Settings.from_env()
+        engine = jobs.engine_for(settings)
+        try:
+            return jobs.ingest_clock_changes(
+                engine, settings, data_interval_start, data_interval_end
+            )
+        finally:
+            engine.dispose()
+
     ingest_requests()
     ingest_gpu_telemetry()
+    ingest_clock_changes()
 
 
 telemetry_ingest()

@@ -1,7 +1,9 @@
-"""Build the default profile table (v0) from the bundled public datasets.
+"""Build the default profile table (v1) from the bundled public datasets.
 
-Run ``python -m profiles.calibrate`` to regenerate ``data/profiles/v0.csv``; the output is
-byte-identical on every run. Assumptions, parameters and their sources are listed in
+``wattplan profiles calibrate`` (or ``python -m profiles.calibrate``) fits the model of
+``profiles.physics`` to the bundled measurements (``profiles.fit``), evaluates it for every
+(model, GPU type, TP, clock, request type) and writes ``data/profiles/v1.csv``; the output
+is byte-identical on every run. Assumptions, parameters and their sources are listed in
 ``docs/profiles.md``; the constants below carry the same names.
 """
 
@@ -10,182 +12,433 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from profiles.fit import Calibration, calibrate
+from profiles.hardware import GPUS, H100, MODELS, GpuSpec
 from profiles.model import (
     GIB,
-    MIB,
-    DecodePowerCurve,
-    LatencyCurves,
+    OperatingPoint,
     TransformerShape,
-    build_latency_curves,
     choose_operating_point,
     kv_capacity_tokens,
-    power_at_capacity_per_gpu_w,
+    point_at,
     representative_lengths,
-    tp_power_ratio,
 )
-from profiles.sources import read_azure_requests, read_mlenergy_v3_power, read_splitwise_perf
-from profiles.table import write_profiles_csv
-from wattplan.domain import REQUEST_TYPES, Profile, RequestTypeBins, ServingConfig
+from profiles.physics import (
+    GpuCalibration,
+    decode_ms,
+    decode_power_w,
+    prefill_ms,
+    prefill_power_w,
+)
+from profiles.sources import read_azure_requests
+from profiles.table import LoadPoint, ProfileRecord, make_record, write_profiles_csv
+from wattplan.domain import LONG_CONTEXT_TYPE, REQUEST_TYPES, RequestTypeBins, ServingConfig
 from wattplan.errors import InputDataError
 
-__all__ = ["build_default_profiles", "main", "write_profiles_csv"]
+__all__ = ["SloPolicy", "build_default_profiles", "main"]
 
-VERSION = "v0"
-MODEL = "llama2-70b"
-GPU_TYPE = "H100-80GB"
-TP_DEGREES = (2, 4, 8)
+log = logging.getLogger(__name__)
 
-#: SplitwiseSim hardware name -> per-GPU power cap (W). ``h100-80gb`` is the uncapped
-#: H100 SXM (700 W TDP); ``h100-80gb-pcap`` is the DGX H100 capped at 70% (7,140 of
-#: 10,200 W), i.e. 490 W per GPU.
-HARDWARE_POWER_CAP_W = {"h100-80gb": 700, "h100-80gb-pcap": 490}
-REFERENCE_HARDWARE = "h100-80gb"
-
+VERSION = "v1"
 #: DynamoLLM: SLO = 5x the latency of the type running alone on the largest config.
 SLO_MULTIPLIER = 5.0
-
-#: Percentile the latency SLOs apply to (P99): prefill-group sizes are taken at this
-#: Poisson quantile and at most 1% of arrivals may find every batch slot busy (Erlang C).
+#: Percentile the SLOs apply to.
 LATENCY_QUANTILE = 0.99
-
-#: Llama-2-70B architecture (Hugging Face ``meta-llama/Llama-2-70b-hf`` config.json),
-#: fp16 weights and KV cache.
-LLAMA2_70B = TransformerShape(
-    layers=80,
-    hidden_size=8192,
-    intermediate_size=28672,
-    attention_heads=64,
-    kv_heads=8,
-    vocab_size=32000,
-    bytes_per_value=2,
-)
-#: H100 80GB HBM3 memory as nvidia-smi reports it (81,559 MiB).
-H100_MEMORY_BYTES = 81559 * MIB
-#: vLLM's default ``gpu_memory_utilization``.
+#: Load points of each curve, as shares of the SLO capacity (0 = loaded idle).
+LOAD_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: Tensor-parallel degrees tried (kept where the weights fit and KV heads divide evenly).
+TP_DEGREES = (1, 2, 4, 8)
+#: vLLM's default ``gpu_memory_utilization`` and a per-GPU reserve for activations,
+#: CUDA graphs and communication buffers (default assumption).
 GPU_MEMORY_UTILIZATION = 0.9
-#: Activations, CUDA graphs and NCCL buffers per GPU (default assumption).
 RESERVE_BYTES_PER_GPU = 2 * GIB
-
-#: ML.ENERGY v3 file whose H100 TP4 power-vs-batch curve stands in for Llama-2-70B.
-POWER_CURVE_FILE = "meta-llama__Llama-3.1-70B-Instruct__lm-arena-chat"
-POWER_CURVE_TP = 4
-#: ML.ENERGY v3 files with the same model measured on H100 at TP1 and TP2.
-TP_RATIO_FILES = ("Qwen__Qwen3-32B__lm-arena-chat", "google__gemma-3-27b-it__lm-arena-chat")
-MLENERGY_GPU = "H100"
-#: Loaded-idle power per H100 (model in memory, engine waiting, P0); default, see docs.
-IDLE_POWER_PER_GPU_W = 120.0
+#: Most prompt tokens in one prefill step (SplitwiseSim's largest measured batch, 64 x 512
+#: tokens; beyond it the model would extrapolate, so larger groups run as several steps).
+MAX_PREFILL_TOKENS = 32768
+#: Most requests decoding together (twice SplitwiseSim's largest measured batch of 64).
+MAX_BATCH = 128
+#: The long-context class (Mnemosyne): representative request, TBT SLO, gang shapes tried.
+LC_PROMPT_TOKENS = 1_048_576
+LC_OUTPUT_TOKENS = 256
+LC_TBT_SLO_S = 0.030
+LC_SPP = (1, 2, 4)
+LC_KVP = (1, 2, 4, 8, 16)
+LC_MAX_GPUS = 64
+#: The GPU type whose largest configuration sets the SLOs of every model.
+REFERENCE_GPU = H100.name
 
 SOURCE = (
-    "splitwise-sim perf_model.csv ({hardware} tp{tp}); azure-llm-inference-2023 code+conv "
-    "medians; ml.energy v3 Llama-3.1-70B H100 power; v0 model (docs/profiles.md)"
+    "v1 model (docs/profiles.md): latency fitted to splitwise {hardware} llama2-70b; "
+    "decode power to {power}; clock to perseus A100; lengths azure-2023 medians"
 )
+POWER_SOURCE = {
+    "H100-80GB": "mlenergy-v3 H100 Llama-3.1",
+    "A100-80GB": "argonne A100 vLLM 7-8B",
+}
+SPLITWISE_NAME = {"H100-80GB": "h100-80gb", "A100-80GB": "a100-80gb"}
 
 
-def _kv_tokens(tp: int) -> int:
-    return kv_capacity_tokens(
-        LLAMA2_70B, tp, H100_MEMORY_BYTES, GPU_MEMORY_UTILIZATION, RESERVE_BYTES_PER_GPU
+@dataclass(frozen=True)
+class SloPolicy:
+    """How SLOs are set: a multiple of the unloaded latency on the largest configuration,
+    with absolute overrides per request type.
+
+    Attributes:
+        multiplier: DynamoLLM's multiple of the type's latency alone (default 5).
+        overrides: ``{request type: (ttft_slo_s or None, tbt_slo_s or None)}``; a value
+            replaces the derived one (default: the long-context class's 30 ms TBT).
+    """
+
+    multiplier: float = SLO_MULTIPLIER
+    overrides: Mapping[str, tuple[float | None, float | None]] = field(
+        default_factory=lambda: {LONG_CONTEXT_TYPE: (None, LC_TBT_SLO_S)}
+    )
+
+    def apply(
+        self, request_type: str, ttft_alone_s: float, tbt_alone_s: float
+    ) -> tuple[float, float]:
+        """The ``(ttft_slo_s, tbt_slo_s)`` of one type from its unloaded latencies."""
+        ttft, tbt = self.overrides.get(request_type, (None, None))
+        return (
+            ttft if ttft is not None else self.multiplier * ttft_alone_s,
+            tbt if tbt is not None else self.multiplier * tbt_alone_s,
+        )
+
+
+@dataclass(frozen=True)
+class ConfigLatency:
+    """Modelled prefill and decode time of one serving config for one request type
+    (implements :class:`profiles.model.Latency`)."""
+
+    cal: GpuCalibration
+    shape: TransformerShape
+    config: ServingConfig
+    prompt_tokens: float
+    output_tokens: float
+
+    @property
+    def max_prefill_tokens(self) -> float:
+        """No limit: larger groups are split into steps (see :meth:`prefill_s`)."""
+        return math.inf
+
+    @property
+    def max_batch(self) -> int:
+        """At most ``MAX_BATCH`` decoding requests."""
+        return MAX_BATCH
+
+    def prefill_s(self, tokens: float) -> float:
+        """Prefill time (s) of ``tokens`` prompt tokens of this type.
+
+        A step holds at most ``MAX_PREFILL_TOKENS`` (or one whole prompt, if longer); more
+        tokens run as consecutive full steps, so time grows linearly beyond that.
+        """
+        c = self.config
+        chunk = max(float(MAX_PREFILL_TOKENS), self.prompt_tokens)
+        step = min(tokens, chunk)
+        step_ms = prefill_ms(
+            self.cal, self.shape, step, self.prompt_tokens, c.tp, c.clock_mhz, c.spp
+        )
+        return step_ms * max(tokens / chunk, 1.0) / 1000.0
+
+    def decode_s(self, batch: float) -> float:
+        """Decode-step time (s) at ``batch`` requests, each at the type's mean context."""
+        c = self.config
+        context = self.prompt_tokens + self.output_tokens / 2
+        return (
+            decode_ms(self.cal, self.shape, batch, context, c.tp, c.clock_mhz, c.spp, c.kvp)
+            / 1000.0
+        )
+
+
+def kv_tokens(shape: TransformerShape, gpu: GpuSpec, config: ServingConfig) -> int:
+    """KV-cache tokens of one instance: each of its ``tp x spp x kvp`` GPUs holds
+    ``1 / (tp x spp)`` of the weights and an even share of the KV cache."""
+    per_gpu = kv_capacity_tokens(
+        shape,
+        config.tp * config.spp,
+        gpu.memory_bytes,
+        GPU_MEMORY_UTILIZATION,
+        RESERVE_BYTES_PER_GPU,
+    ) / (config.tp * config.spp)
+    return math.floor(per_gpu * config.gpus)
+
+
+def tp_degrees(shape: TransformerShape, gpu: GpuSpec) -> tuple[int, ...]:
+    """TP degrees whose weights fit with room for KV cache and that divide the KV heads."""
+    return tuple(
+        tp
+        for tp in TP_DEGREES
+        if shape.kv_heads % tp == 0
+        and kv_capacity_tokens(
+            shape, tp, gpu.memory_bytes, GPU_MEMORY_UTILIZATION, RESERVE_BYTES_PER_GPU
+        )
+        > 0
     )
 
 
-def _decode_power_curve(data_dir: Path) -> DecodePowerCurve:
-    points = sorted(
-        (p.avg_batch_size, p.power_per_gpu_w)
-        for p in read_mlenergy_v3_power(data_dir, POWER_CURVE_FILE)
-        if p.gpu_model == MLENERGY_GPU and p.tp == POWER_CURVE_TP and p.num_gpus == p.tp
+def _sig(value: float, digits: int = 6) -> float:
+    """``value`` rounded to ``digits`` significant digits (exact CSV round trip)."""
+    return float(f"{value:.{digits}g}")
+
+
+def _sig_floor(value: float, digits: int = 6) -> float:
+    """``value`` rounded *down* to ``digits`` significant digits: a capacity never rounds up
+    past the largest rate found feasible (tail latencies jump with the rate)."""
+    if value <= 0:
+        return 0.0
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(value)))
+    floored = float(f"{math.floor(value * scale) / scale:.{digits}g}")
+    return floored if floored <= value else _sig(floored * (1 - 10.0**-digits), digits)
+
+
+def _load_point(lat: ConfigLatency, gpu_cal: GpuCalibration, batch: int, rate: float) -> LoadPoint:
+    """Power and P50/P99 latency of one instance at ``rate`` (``batch`` decode slots)."""
+    c = lat.config
+    if rate == 0.0:
+        alone_ttft = lat.prefill_s(lat.prompt_tokens)
+        alone_tbt = lat.decode_s(1)
+        return LoadPoint(
+            0.0,
+            round(c.gpus * gpu_cal.gpu.loaded_idle_w, 1),
+            round(alone_ttft, 4),
+            round(alone_ttft, 4),
+            round(alone_tbt, 4),
+            round(alone_tbt, 4),
+        )
+    p99 = point_at(lat, batch, lat.prompt_tokens, lat.output_tokens, rate, LATENCY_QUANTILE)
+    p50 = point_at(lat, batch, lat.prompt_tokens, lat.output_tokens, rate, 0.5)
+    if p99 is None or p50 is None:  # pragma: no cover - below capacity both exist
+        raise InputDataError(f"{c.key}: no operating point at {rate} req/s")
+    power_per_gpu = p99.prefill_share * prefill_power_w(gpu_cal, c.tp, c.clock_mhz) + (
+        1.0 - p99.prefill_share
+    ) * decode_power_w(gpu_cal, p99.decoding_batch, c.tp, c.clock_mhz)
+    tbt_p50 = lat.decode_s(min(float(batch), max(1.0, p50.decoding_batch)))
+    return LoadPoint(
+        rate,
+        round(c.gpus * power_per_gpu, 1),
+        round(p50.ttft_s, 4),
+        round(p99.ttft_s, 4),
+        round(tbt_p50, 4),
+        round(p99.tbt_s, 4),
     )
-    if not points:
-        raise InputDataError(f"{POWER_CURVE_FILE}: no {MLENERGY_GPU} TP{POWER_CURVE_TP} point")
-    pairs = [p for name in TP_RATIO_FILES for p in read_mlenergy_v3_power(data_dir, name)]
-    return DecodePowerCurve(
-        points=tuple(points),
-        reference_tp=POWER_CURVE_TP,
-        tp_doubling_ratio=tp_power_ratio(pairs, MLENERGY_GPU),
-        idle_power_per_gpu_w=IDLE_POWER_PER_GPU_W,
+
+
+def profile_record(
+    lat: ConfigLatency,
+    gpu_cal: GpuCalibration,
+    request_type: str,
+    slo: tuple[float, float],
+    source: str,
+) -> ProfileRecord | None:
+    """The record of one config and request type, or ``None`` if no rate meets the SLOs."""
+    gpu = gpu_cal.gpu
+    point: OperatingPoint | None = choose_operating_point(
+        lat,
+        lat.prompt_tokens,
+        lat.output_tokens,
+        slo[0],
+        slo[1],
+        kv_tokens(lat.shape, gpu, lat.config),
+        LATENCY_QUANTILE,
+    )
+    if point is None:
+        return None
+    capacity = _sig_floor(point.capacity_rps)
+    rates = sorted({_sig(share * capacity) for share in LOAD_SHARES if share > 0} | {0.0})
+    points = tuple(_load_point(lat, gpu_cal, point.batch, rate) for rate in rates)
+    if len({p.rate_rps for p in points}) != len(points):  # pragma: no cover - 6 digits apart
+        raise InputDataError(f"{lat.config.key} {request_type}: load points collapse")
+    return make_record(
+        lat.config,
+        request_type,
+        points,
+        ttft_slo_s=round(slo[0], 4),
+        tbt_slo_s=round(slo[1], 4),
+        version=VERSION,
+        source=source,
     )
 
 
-def build_default_profiles(data_dir: Path) -> list[Profile]:
-    """Derive the v0 profile table for Llama-2-70B on H100-80GB from bundled data.
+def _lengths(data_dir: Path) -> dict[str, tuple[float, float]]:
+    lengths = representative_lengths(read_azure_requests(data_dir), RequestTypeBins())
+    lengths[LONG_CONTEXT_TYPE] = (float(LC_PROMPT_TOKENS), float(LC_OUTPUT_TOKENS))
+    return lengths
 
-    One profile per (TP in 2/4/8, power cap 700/490 W, request type), ordered by power
-    cap (uncapped first), TP, then ``REQUEST_TYPES`` order. Pure apart from reading the
-    bundled files under ``data_dir``.
+
+def _gangs(shape: TransformerShape, gpu: GpuSpec, tp: int) -> Iterator[tuple[int, int]]:
+    """``(spp, smallest kvp)`` of long-context gangs at ``tp``: for each SPP, the smallest KVP
+    whose KV cache holds one representative request, within ``LC_MAX_GPUS``."""
+    need = LC_PROMPT_TOKENS + LC_OUTPUT_TOKENS
+    for spp in LC_SPP:
+        for kvp in LC_KVP:
+            config = ServingConfig("", gpu.name, tp, gpu.tdp_w, None, spp, kvp)
+            if config.gpus > LC_MAX_GPUS or tp * spp > shape.layers:
+                break
+            if kv_tokens(shape, gpu, config) >= need:
+                yield spp, kvp
+                break
+
+
+def _sized_gangs(
+    model: str, shape: TransformerShape, cal: GpuCalibration, tbt_slo_s: float
+) -> Iterator[ServingConfig]:
+    """Long-context gangs (max clock) sized by KV memory and the TBT SLO: for each TP and
+    SPP, the smallest KVP that holds one representative request and whose decode step alone
+    meets ``tbt_slo_s`` (more KV shards read the cache faster), within ``LC_MAX_GPUS``."""
+    gpu = cal.gpu
+    for tp in TP_DEGREES:
+        if shape.kv_heads % tp:
+            continue
+        for spp, smallest in _gangs(shape, gpu, tp):
+            for kvp in (k for k in LC_KVP if k >= smallest):
+                config = ServingConfig(model, gpu.name, tp, gpu.tdp_w, None, spp, kvp)
+                if config.gpus > LC_MAX_GPUS:
+                    break
+                lat = ConfigLatency(cal, shape, config, LC_PROMPT_TOKENS, LC_OUTPUT_TOKENS)
+                if lat.decode_s(1) <= tbt_slo_s:
+                    yield config
+                    break
+
+
+def _configs(
+    model: str,
+    shape: TransformerShape,
+    cal: GpuCalibration,
+    lc_tbt_slo_s: float | None,
+) -> Iterator[tuple[ServingConfig, tuple[str, ...]]]:
+    """Serving configs of one model on one GPU type with the request types each serves
+    (long-context gangs only when ``lc_tbt_slo_s`` is given)."""
+    gpu = cal.gpu
+    for tp in tp_degrees(shape, gpu):
+        for clock in gpu.clocks_mhz:
+            yield ServingConfig(model, gpu.name, tp, gpu.tdp_w, clock), REQUEST_TYPES
+    if lc_tbt_slo_s is None:
+        return
+    for gang in _sized_gangs(model, shape, cal, lc_tbt_slo_s):
+        for clock in gpu.clocks_mhz:
+            yield replace(gang, clock_mhz=clock), (LONG_CONTEXT_TYPE,)
+
+
+def _slos(
+    calibration: Calibration,
+    model: str,
+    shape: TransformerShape,
+    lengths: Mapping[str, tuple[float, float]],
+    policy: SloPolicy,
+) -> dict[str, tuple[float, float]]:
+    """SLOs per type from the largest configuration on the reference GPU at its max clock
+    (the largest long-context gang for the long-context class)."""
+    cal = calibration.gpus[REFERENCE_GPU]
+    gpu = cal.gpu
+    largest = ServingConfig(model, gpu.name, max(tp_degrees(shape, gpu)), gpu.tdp_w)
+    gangs = [
+        ServingConfig(model, gpu.name, tp, gpu.tdp_w, None, spp, kvp)
+        for tp in TP_DEGREES
+        if shape.kv_heads % tp == 0
+        for spp, kvp in _gangs(shape, gpu, tp)
+    ]
+    out = {}
+    for request_type, (prompt, output) in lengths.items():
+        config = largest
+        if request_type == LONG_CONTEXT_TYPE:
+            if not gangs:
+                continue
+            config = max(gangs, key=lambda g: (g.gpus, g.spp, g.tp))
+        lat = ConfigLatency(cal, shape, config, prompt, output)
+        out[request_type] = policy.apply(request_type, lat.prefill_s(prompt), lat.decode_s(1))
+    return out
+
+
+def build_default_records(
+    data_dir: Path,
+    calibration: Calibration | None = None,
+    slo_policy: SloPolicy | None = None,
+    long_context: bool = True,
+) -> list[ProfileRecord]:
+    """Derive the v1 profile table from the bundled data.
+
+    Rows are ordered by model, GPU type, TP (then gang), clock and request type; a config
+    that cannot meet a type's SLO at any rate has no row for it (logged).
 
     Args:
         data_dir: The repository's ``data/`` folder (bundled datasets).
+        calibration: Fitted model (default: :func:`profiles.fit.calibrate` on ``data_dir``).
+        slo_policy: SLO multiplier and overrides (default :class:`SloPolicy`).
+        long_context: Also build the long-context class's gang profiles.
 
     Returns:
-        54 profiles, every float rounded (capacity to 1e-6 req/s, power to 0.1 W,
+        The records, every float rounded (rates to 6 significant digits, power to 0.1 W,
         latencies to 0.1 ms) so that a CSV round trip is exact.
 
     Raises:
-        InputDataError: A bundled file is missing or malformed, or a config cannot meet
-            a type's SLO at any batch size.
+        InputDataError: A bundled file is missing or malformed.
     """
-    rows = read_splitwise_perf(data_dir, MODEL)
-    lengths = representative_lengths(read_azure_requests(data_dir), RequestTypeBins())
-    decode_power = _decode_power_curve(data_dir)
-    curves: dict[tuple[str, int], LatencyCurves] = {
-        (hardware, tp): build_latency_curves(rows, hardware, tp, _kv_tokens(tp))
-        for hardware in HARDWARE_POWER_CAP_W
-        for tp in TP_DEGREES
-    }
-    largest = curves[(REFERENCE_HARDWARE, max(TP_DEGREES))]
-    tbt_slo_s = SLO_MULTIPLIER * largest.decode_s(1)
-
-    profiles: list[Profile] = []
-    for hardware, cap_w in HARDWARE_POWER_CAP_W.items():
-        for tp in TP_DEGREES:
-            config = ServingConfig(MODEL, GPU_TYPE, tp, cap_w)
-            for request_type in REQUEST_TYPES:
-                prompt_tokens, output_tokens = lengths[request_type]
-                ttft_slo_s = SLO_MULTIPLIER * largest.prefill_s(prompt_tokens)
-                point = choose_operating_point(
-                    curves[(hardware, tp)],
-                    prompt_tokens,
-                    output_tokens,
-                    ttft_slo_s,
-                    tbt_slo_s,
-                    _kv_tokens(tp),
-                    LATENCY_QUANTILE,
-                )
-                if point is None:
-                    raise InputDataError(f"{config.key} cannot meet the {request_type} SLO")
-                power_w = tp * power_at_capacity_per_gpu_w(point, decode_power, tp, cap_w)
-                profiles.append(
-                    Profile(
-                        config=config,
-                        request_type=request_type,
-                        capacity_rps=round(point.capacity_rps, 6),
-                        idle_power_w=round(tp * IDLE_POWER_PER_GPU_W, 1),
-                        power_at_capacity_w=round(power_w, 1),
-                        ttft_p99_s=round(point.ttft_s, 4),
-                        tbt_p99_s=round(point.tbt_s, 4),
-                        ttft_slo_s=round(ttft_slo_s, 4),
-                        tbt_slo_s=round(tbt_slo_s, 4),
-                        version=VERSION,
-                        source=SOURCE.format(hardware=hardware, tp=tp),
-                    )
-                )
-    return profiles
+    calibration = calibration or calibrate(data_dir)
+    policy = slo_policy or SloPolicy()
+    lengths = _lengths(data_dir)
+    records: list[ProfileRecord] = []
+    for model, shape in MODELS.items():
+        slos = _slos(calibration, model, shape, lengths, policy)
+        for gpu_name in GPUS:
+            cal = calibration.gpus[gpu_name]
+            source = SOURCE.format(hardware=SPLITWISE_NAME[gpu_name], power=POWER_SOURCE[gpu_name])
+            lc_slo = slos.get(LONG_CONTEXT_TYPE) if long_context else None
+            for config, types in _configs(model, shape, cal, lc_slo[1] if lc_slo else None):
+                for request_type in types:
+                    if request_type not in slos:
+                        continue
+                    prompt, output = lengths[request_type]
+                    lat = ConfigLatency(cal, shape, config, prompt, output)
+                    record = profile_record(lat, cal, request_type, slos[request_type], source)
+                    if record is None:
+                        log.info("%s cannot meet the %s SLO: no row", config.key, request_type)
+                        continue
+                    records.append(record)
+    return records
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Regenerate the default profile table and print a short JSON summary.
+def build_default_profiles(data_dir: Path) -> list:  # type: ignore[type-arg]
+    """The :class:`~wattplan.domain.Profile` of every default record."""
+    return [record.profile for record in build_default_records(data_dir)]
 
-    Args:
-        argv: Command-line arguments (default: ``sys.argv[1:]``).
 
-    Returns:
-        Process exit status (0 on success).
-    """
+def _parse_override(text: str) -> tuple[str, tuple[float | None, float | None]]:
+    """``TYPE:ttft=S,tbt=S`` (either part optional) -> ``(TYPE, (ttft, tbt))``."""
+    name, sep, rest = text.partition(":")
+    values: dict[str, float] = {}
+    try:
+        for part in rest.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() not in ("ttft", "tbt"):
+                raise ValueError(part)
+            values[key.strip()] = float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected TYPE:ttft=SECONDS,tbt=SECONDS (e.g. LC:tbt=0.06)"
+        ) from exc
+    if not sep or not name or not values or any(v <= 0 for v in values.values()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected TYPE:ttft=SECONDS,tbt=SECONDS with positive seconds"
+        )
+    return name, (values.get("ttft"), values.get("tbt"))
+
+
+def build_parser(prog: str = "wattplan profiles calibrate") -> argparse.ArgumentParser:
+    """Argument parser of the calibration command."""
     repo_data = Path(__file__).resolve().parents[1] / "data"
     parser = argparse.ArgumentParser(
-        prog="python -m profiles.calibrate",
-        description="Build the v0 default profile table from the bundled public datasets.",
+        prog=prog,
+        description=(
+            "Fit the v1 profile model to the bundled public datasets and write the default "
+            "profile table (deterministic; prints a JSON summary with the fit errors)."
+        ),
     )
     parser.add_argument(
         "--data-dir", type=Path, default=repo_data, help="bundled datasets (default: data/)"
@@ -194,24 +447,75 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out",
         type=Path,
         default=repo_data / "profiles" / f"{VERSION}.csv",
-        help="CSV to write (default: data/profiles/v0.csv)",
+        help=f"CSV to write (default: data/profiles/{VERSION}.csv)",
     )
-    args = parser.parse_args(argv)
-    profiles = build_default_profiles(args.data_dir)
-    write_profiles_csv(profiles, args.out)
+    parser.add_argument(
+        "--slo-multiplier",
+        type=float,
+        default=SLO_MULTIPLIER,
+        help="SLO = this x the type's latency alone on the largest config (default 5)",
+    )
+    parser.add_argument(
+        "--slo",
+        type=_parse_override,
+        action="append",
+        default=[],
+        metavar="TYPE:ttft=S,tbt=S",
+        help="absolute SLO override per request type (repeatable; default LC:tbt=0.03)",
+    )
+    parser.add_argument(
+        "--no-long-context", action="store_true", help="leave out the long-context class LC"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "wattplan profiles calibrate") -> int:
+    """Regenerate the default profile table and print a JSON summary with the fit errors.
+
+    Args:
+        argv: Command-line arguments (default: ``sys.argv[1:]``).
+        prog: Program name shown in ``--help``.
+
+    Returns:
+        Process exit status (0 on success, 2 on bad input data).
+    """
+    args = build_parser(prog).parse_args(argv)
+    overrides: dict[str, tuple[float | None, float | None]] = {
+        LONG_CONTEXT_TYPE: (None, LC_TBT_SLO_S)
+    }
+    overrides.update(dict(args.slo))
+    policy = SloPolicy(args.slo_multiplier, overrides)
+    try:
+        print("calibrating the v1 model to the bundled data ...", file=sys.stderr)
+        calibration = calibrate(args.data_dir)
+        print("evaluating profiles ...", file=sys.stderr)
+        records = build_default_records(
+            args.data_dir, calibration, policy, long_context=not args.no_long_context
+        )
+    except InputDataError as exc:
+        print(f"wattplan: error: {exc}", file=sys.stderr)
+        return 2
+    write_profiles_csv(records, args.out)
+    profiles = [r.profile for r in records]
     summary = {
         "out": str(args.out),
         "version": VERSION,
-        "rows": len(profiles),
+        "rows": len(records),
         "configs": len({p.config for p in profiles}),
         "sha256": hashlib.sha256(args.out.read_bytes()).hexdigest(),
-        "capacity_rps_range": [
-            min(p.capacity_rps for p in profiles),
-            max(p.capacity_rps for p in profiles),
-        ],
+        "rows_by_model_gpu": _count_by(profiles),
+        "fit": [c.as_dict() for c in calibration.comparisons],
     }
     print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def _count_by(profiles: Sequence) -> dict[str, int]:  # type: ignore[type-arg]
+    counts: dict[str, int] = {}
+    for p in profiles:
+        key = f"{p.config.model}/{p.config.gpu_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
-"""The v0 latency, capacity and power model: pure functions over measured points.
+"""Memory and queueing model of one instance: KV capacity, representative lengths, and the
+SLO capacity of a continuous-batching engine given its prefill and decode times.
 
 Every formula here is written out, with its assumptions, in ``docs/profiles.md``.
-No file reads, no clock, no randomness: same points in, same numbers out.
+No file reads, no clock, no randomness: same inputs in, same numbers out.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-from profiles.sources import PerfRow, PowerPoint
 from wattplan.domain import REQUEST_TYPES, RequestTypeBins
 from wattplan.errors import InputDataError
 
@@ -115,92 +115,30 @@ def representative_lengths(
     }
 
 
-def _interp_loglog(points: Sequence[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear interpolation in (log x, log y); flat below the first point."""
-    xs = [p[0] for p in points]
-    if x > xs[-1]:
-        raise ValueError(f"{x} is beyond the largest measured point {xs[-1]}")
-    if x <= xs[0]:
-        return points[0][1]
-    i = bisect.bisect_left(xs, x)
-    (x0, y0), (x1, y1) = points[i - 1], points[i]
-    share = math.log(x / x0) / math.log(x1 / x0)
-    return math.exp(math.log(y0) + share * (math.log(y1) - math.log(y0)))
-
-
-@dataclass(frozen=True)
-class LatencyCurves:
-    """Measured prefill and decode time of one (hardware, TP) as interpolable points.
-
-    ``prefill_points`` are ``(prompt tokens in the batch, prefill ms)``; ``decode_points``
-    are ``(batch size, ms per decode iteration)``; both ascending.
-    """
-
-    hardware: str
-    tp: int
-    prefill_points: tuple[tuple[float, float], ...]
-    decode_points: tuple[tuple[float, float], ...]
+class Latency(Protocol):
+    """Prefill and decode times of one serving config for one request type."""
 
     @property
     def max_prefill_tokens(self) -> float:
-        """Largest measured prompt-token count of one prefill."""
-        return self.prefill_points[-1][0]
+        """Most prompt tokens one prefill step may hold."""
+        ...
 
     @property
     def max_batch(self) -> int:
-        """Largest measured decode batch."""
-        return int(self.decode_points[-1][0])
+        """Most requests that may decode together (slots), before the KV-cache limit."""
+        ...
 
     def prefill_s(self, tokens: float) -> float:
-        """Prefill time (s) of a batch holding ``tokens`` prompt tokens in all."""
-        return _interp_loglog(self.prefill_points, tokens) / 1000.0
+        """Prefill time (s) of a step holding ``tokens`` prompt tokens in all."""
+        ...
 
     def decode_s(self, batch: float) -> float:
-        """Time (s) of one decode iteration at ``batch`` running requests."""
-        return _interp_loglog(self.decode_points, batch) / 1000.0
+        """Time (s) of one decode step at ``batch`` running requests."""
+        ...
 
 
-def build_latency_curves(
-    rows: Iterable[PerfRow], hardware: str, tp: int, kv_tokens: int
-) -> LatencyCurves:
-    """Average the repeated SplitwiseSim runs of one (hardware, TP) into curves.
-
-    Prefill time is keyed by the batch's total prompt tokens (``prompt_size x
-    batch_size``): the prompt sweep at batch 1 and the batch sweep at 512 tokens agree
-    within ~10% where they meet. Decode time is keyed by batch size alone (the measured
-    context dependence at batch 1 is under 10% from 128 to 8,192 tokens). Runs whose KV
-    cache (``batch x (prompt + output tokens)``) exceeds ``kv_tokens`` cannot have run as
-    recorded and are dropped.
-
-    Args:
-        rows: Measured runs (any hardware and TP; filtered here).
-        hardware: SplitwiseSim hardware name, e.g. ``"h100-80gb"``.
-        tp: Tensor-parallel degree.
-        kv_tokens: KV-cache capacity of the instance in tokens.
-
-    Returns:
-        The curves, means over the kept runs of each key.
-
-    Raises:
-        InputDataError: No usable run for this (hardware, TP).
-    """
-    prefill: dict[float, list[float]] = defaultdict(list)
-    decode: dict[float, list[float]] = defaultdict(list)
-    for row in rows:
-        if row.hardware != hardware or row.tp != tp:
-            continue
-        if row.batch_size * (row.prompt_tokens + row.output_tokens) > kv_tokens:
-            continue
-        prefill[float(row.prompt_tokens * row.batch_size)].append(row.prompt_time_ms)
-        decode[float(row.batch_size)].append(row.token_time_ms)
-    if not prefill:
-        raise InputDataError(f"no usable perf_model.csv run for hardware={hardware} tp={tp}")
-    return LatencyCurves(
-        hardware=hardware,
-        tp=tp,
-        prefill_points=tuple((k, statistics.fmean(v)) for k, v in sorted(prefill.items())),
-        decode_points=tuple((k, statistics.fmean(v)) for k, v in sorted(decode.items())),
-    )
+#: Decode batch sizes (slots) tried when searching for the SLO capacity.
+BATCH_CANDIDATES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def erlang_c(servers: int, offered_load: float) -> float:
@@ -239,7 +177,9 @@ class OperatingPoint:
     ``batch`` is the slot limit (most requests decoding at once); ``prefill_group`` the
     tail (e.g. P99) number of prompts prefilled together; ``mean_concurrency`` the mean
     number of requests in the instance (Little's law); ``prefill_share`` the share of
-    time spent prefilling; ``ttft_s`` and ``tbt_s`` the modelled tail latencies.
+    time spent prefilling; ``ttft_s`` and ``tbt_s`` the modelled latencies at the quantile
+    asked for; ``decoding_batch`` the mean number of requests decoding (Little's law on
+    the decode phase, at most ``batch``).
     """
 
     batch: int
@@ -249,11 +189,10 @@ class OperatingPoint:
     ttft_s: float
     tbt_s: float
     prefill_share: float
+    decoding_batch: float = 0.0
 
 
-def _mean_prefill_group(
-    curves: LatencyCurves, prompt_tokens: float, rate_rps: float
-) -> float | None:
+def _mean_prefill_group(curves: Latency, prompt_tokens: float, rate_rps: float) -> float | None:
     """Mean prompts per prefill step: one plus those arriving while a step runs.
 
     Solves ``m = 1 + rate x prefill(m x p)`` by fixed-point iteration from ``m = 1`` (never
@@ -272,15 +211,19 @@ def _mean_prefill_group(
     return None
 
 
-def _point_at(
-    curves: LatencyCurves,
+def point_at(
+    curves: Latency,
     batch: int,
     prompt_tokens: float,
     output_tokens: float,
     rate_rps: float,
     quantile: float,
 ) -> OperatingPoint | None:
-    """Latency, concurrency and prefill share of ``batch`` slots at ``rate_rps``."""
+    """Latency at ``quantile``, concurrency and prefill share of ``batch`` slots at ``rate_rps``.
+
+    ``None`` when the prefill queue is unstable at this rate or a prefill group would
+    exceed ``max_prefill_tokens``. See :func:`choose_operating_point` for the formulas.
+    """
     group_mean = _mean_prefill_group(curves, prompt_tokens, rate_rps)
     if group_mean is None:
         return None
@@ -298,7 +241,8 @@ def _point_at(
     if group * prompt_tokens > curves.max_prefill_tokens:
         return None
     ttft_s = wait_s + curves.prefill_s(group * prompt_tokens)
-    residence_s = ttft_s + output_tokens * decode_s / (1.0 - prefill_share)
+    decode_phase_s = output_tokens * decode_s / (1.0 - prefill_share)
+    residence_s = ttft_s + decode_phase_s
     return OperatingPoint(
         batch=batch,
         capacity_rps=rate_rps,
@@ -307,11 +251,12 @@ def _point_at(
         ttft_s=ttft_s,
         tbt_s=decode_s,
         prefill_share=prefill_share,
+        decoding_batch=min(float(batch), rate_rps * decode_phase_s),
     )
 
 
 def choose_operating_point(
-    curves: LatencyCurves,
+    curves: Latency,
     prompt_tokens: float,
     output_tokens: float,
     ttft_slo_s: float,
@@ -337,8 +282,9 @@ def choose_operating_point(
     - slots: at most ``1 - quantile`` of arrivals may find all ``B`` slots busy (Erlang C
       with offered load ``rate x R``).
 
-    ``B`` is tried at each measured batch size and at the KV-cache limit; for each, the
-    largest feasible rate is found by bisection (all constraints grow with the rate).
+    ``B`` is tried at each of ``BATCH_CANDIDATES`` up to ``max_batch`` and the KV-cache
+    limit, and at that limit; for each, the largest feasible rate is found by bisection
+    (all constraints grow with the rate).
 
     Args:
         curves: Latency curves of the serving config.
@@ -354,12 +300,12 @@ def choose_operating_point(
         ``None`` when no rate meets the SLOs.
     """
     limit = min(curves.max_batch, math.floor(kv_tokens / (prompt_tokens + output_tokens)))
-    candidates = sorted({int(b) for b, _ in curves.decode_points if b <= limit} | {limit})
+    candidates = sorted({b for b in BATCH_CANDIDATES if b <= limit} | {limit})
     best: OperatingPoint | None = None
     for batch in (b for b in candidates if b >= 1):
 
         def feasible(rate_rps: float, batch: int = batch) -> OperatingPoint | None:
-            point = _point_at(curves, batch, prompt_tokens, output_tokens, rate_rps, quantile)
+            point = point_at(curves, batch, prompt_tokens, output_tokens, rate_rps, quantile)
             if point is None or point.ttft_s > ttft_slo_s or point.tbt_s > tbt_slo_s:
                 return None
             if erlang_c(batch, point.mean_concurrency) > 1.0 - quantile:
@@ -379,80 +325,3 @@ def choose_operating_point(
         if point is not None and low > 0 and (best is None or low > best.capacity_rps):
             best = point
     return best
-
-
-def tp_power_ratio(points: Iterable[PowerPoint], gpu_model: str) -> float:
-    """Measured per-GPU power ratio of TP2 over TP1 at equal configured batch.
-
-    Pairs every (model, ``max_num_seqs``) measured on ``gpu_model`` at both TP1 and TP2
-    and averages ``power_per_gpu_w(TP2) / power_per_gpu_w(TP1)``.
-
-    Raises:
-        InputDataError: No such pair exists.
-    """
-    by_key: dict[tuple[str, int, int], float] = {}
-    for point in points:
-        if point.gpu_model == gpu_model and point.num_gpus == point.tp:
-            by_key[(point.model_id, point.max_num_seqs, point.tp)] = point.power_per_gpu_w
-    ratios = [
-        by_key[(model, seqs, 2)] / power
-        for (model, seqs, tp), power in sorted(by_key.items())
-        if tp == 1 and (model, seqs, 2) in by_key
-    ]
-    if not ratios:
-        raise InputDataError(f"no {gpu_model} model measured at both TP1 and TP2")
-    return statistics.fmean(ratios)
-
-
-@dataclass(frozen=True)
-class DecodePowerCurve:
-    """Average GPU power while serving, vs running batch, from one measured TP degree.
-
-    ``points`` are ``(average batch, W per GPU)`` measured at ``reference_tp``. Other TP
-    degrees scale the power by ``tp_doubling_ratio`` per doubling of TP.
-    """
-
-    points: tuple[tuple[float, float], ...]
-    reference_tp: int
-    tp_doubling_ratio: float
-    idle_power_per_gpu_w: float
-
-    def power_per_gpu_w(self, tp: int, mean_batch: float) -> float:
-        """Power per GPU (W) at a mean running batch on a ``tp``-GPU instance.
-
-        Linear in batch between measured points and flat beyond the largest; flat at the
-        smallest measured batch down to one running request (decode streams all weights
-        every iteration, whatever the batch); linear from loaded idle at 0 to that at 1
-        (the share of time with a request running).
-        """
-        scale = self.tp_doubling_ratio ** math.log2(tp / self.reference_tp)
-        xs = [p[0] for p in self.points]
-        if mean_batch >= xs[-1]:
-            measured = self.points[-1][1]
-        elif mean_batch <= xs[0]:
-            measured = self.points[0][1]
-        else:
-            i = bisect.bisect_left(xs, mean_batch)
-            (x0, y0), (x1, y1) = self.points[i - 1], self.points[i]
-            measured = y0 + (mean_batch - x0) / (x1 - x0) * (y1 - y0)
-        busy_w = max(self.idle_power_per_gpu_w, scale * measured)
-        if mean_batch >= 1.0:
-            return busy_w
-        return self.idle_power_per_gpu_w + mean_batch * (busy_w - self.idle_power_per_gpu_w)
-
-
-def power_at_capacity_per_gpu_w(
-    point: OperatingPoint,
-    decode_power: DecodePowerCurve,
-    tp: int,
-    power_cap_w: float,
-) -> float:
-    """Average power per GPU (W) at the operating point, never above the power cap.
-
-    Prefill is compute-bound and modelled at the power limit (``power_cap_w``); the rest of
-    the time the GPU decodes at the mean running batch, at the measured decode power
-    clipped to the cap.
-    """
-    decode_w = min(decode_power.power_per_gpu_w(tp, point.mean_concurrency), power_cap_w)
-    share = min(point.prefill_share, 1.0)
-    return share * power_cap_w + (1.0 - share) * decode_w

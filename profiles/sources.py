@@ -23,6 +23,9 @@ AZURE_TRACE_CSVS = (
     Path("azure-llm-inference-2023/AzureLLMInferenceTrace_conv.csv"),
 )
 MLENERGY_V3_MODELS = Path("mlenergy-leaderboard-v3/models")
+MLENERGY_V2_CHAT = Path("mlenergy-leaderboard-v2/llm_text_generation/chat")
+PERSEUS_DIR = Path("zeus-perseus-frequency-profiles")
+ARGONNE_POWER_CSV = Path("argonne-llm-inference-bench/power_results.csv")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,56 @@ class PowerPoint:
     max_num_seqs: int
     avg_batch_size: float
     power_per_gpu_w: float
+    median_itl_ms: float = 0.0
+    avg_output_len: float = 0.0
+
+
+@dataclass(frozen=True)
+class FrequencyPoint:
+    """One Perseus measurement: a pipeline stage's forward or backward pass at a locked clock."""
+
+    stage: int
+    instruction: str
+    frequency_mhz: int
+    time_s: float
+    energy_j: float
+
+    @property
+    def power_w(self) -> float:
+        """Average GPU power over the pass (W)."""
+        return self.energy_j / self.time_s
+
+
+@dataclass(frozen=True)
+class BenchPowerPoint:
+    """One LLM-Inference-Bench (Argonne) run: a static batch of equal-length requests."""
+
+    hardware: str
+    framework: str
+    model: str
+    gpus: int
+    length_tokens: int  # input length = output length
+    batch_size: int
+    latency_s: float  # end to end for the batch
+    throughput_tps: float  # tokens per second
+    power_w: float  # average power of the one GPU
+
+
+@dataclass(frozen=True)
+class LeaderboardV2Point:
+    """One ML.ENERGY leaderboard v2 configuration (``bs<max>+tp<TP>+pp<PP>.json``)."""
+
+    path: str
+    model: str
+    gpu: str
+    tp: int
+    pp: int
+    avg_tpot_s: float
+    token_throughput_tps: float
+    avg_output_tokens: float
+    avg_batch_size: float
+    max_batch_size: int
+    energy_per_request_j: float
 
 
 def _rows(path: Path, columns: Iterable[str]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -175,6 +228,8 @@ def read_mlenergy_v3_power(data_dir: Path, file_stem: str) -> tuple[PowerPoint, 
                 max_num_seqs=int(cfg["max_num_seqs"]),
                 avg_batch_size=float(cfg["avg_batch_size"]),
                 power_per_gpu_w=float(cfg["avg_power_watts"]) / num_gpus,
+                median_itl_ms=float(cfg["median_itl_ms"]),
+                avg_output_len=float(cfg["avg_output_len"]),
             )
             if not (point.num_gpus > 0 and point.avg_batch_size > 0 and point.power_per_gpu_w > 0):
                 raise InputDataError(f"{path}: configurations[{index}] has non-positive values")
@@ -185,4 +240,124 @@ def read_mlenergy_v3_power(data_dir: Path, file_stem: str) -> tuple[PowerPoint, 
         if isinstance(exc, InputDataError):
             raise
         raise InputDataError(f"{path}: not an ML.ENERGY v3 model file ({exc!r})") from exc
+    return tuple(out)
+
+
+def read_perseus(data_dir: Path, file_name: str) -> tuple[FrequencyPoint, ...]:
+    """Read one Perseus stage profile (time and energy per pass at every locked SM clock).
+
+    Args:
+        data_dir: Folder holding the bundled datasets (``data/``).
+        file_name: File under ``zeus-perseus-frequency-profiles``, e.g.
+            ``"gpt3-175b+a100_sxm_bf16.csv"``.
+
+    Returns:
+        One :class:`FrequencyPoint` per CSV row, in file order.
+    """
+    path = data_dir / PERSEUS_DIR / file_name
+    out = []
+    for line, row in _rows(path, ("stage", "instruction", "frequency", "time", "energy")):
+        instruction = row["instruction"]
+        if instruction not in ("forward", "backward"):
+            raise InputDataError(
+                f"{path}: line {line}: column instruction: {instruction!r} is not "
+                "forward or backward"
+            )
+        out.append(
+            FrequencyPoint(
+                stage=int(_number(path, line, row, "stage", int, zero_ok=True)),
+                instruction=instruction,
+                frequency_mhz=int(_number(path, line, row, "frequency", int)),
+                time_s=_number(path, line, row, "time", float),
+                energy_j=_number(path, line, row, "energy", float),
+            )
+        )
+    if not out:
+        raise InputDataError(f"{path}: no data rows")
+    return tuple(out)
+
+
+def read_argonne_power(data_dir: Path) -> tuple[BenchPowerPoint, ...]:
+    """Read LLM-Inference-Bench's single-GPU power-vs-batch runs (``power_results.csv``).
+
+    Blank lines in the file are skipped; ``avg_power`` is stored in milliwatts and
+    returned in watts.
+
+    Args:
+        data_dir: Folder holding the bundled datasets (``data/``).
+
+    Returns:
+        One :class:`BenchPowerPoint` per data row, in file order.
+    """
+    path = data_dir / ARGONNE_POWER_CSV
+    columns = (
+        "Hardware",
+        "Num of Hardware",
+        "Framework",
+        "Model",
+        "Input Output Length",
+        "Batch Size",
+        "Latency",
+        "Throughput",
+        "avg_power",
+    )
+    out = []
+    for line, row in _rows(path, columns):
+        if not any((value or "").strip() for value in row.values()):
+            continue
+        out.append(
+            BenchPowerPoint(
+                hardware=row["Hardware"],
+                framework=row["Framework"],
+                model=row["Model"],
+                gpus=int(_number(path, line, row, "Num of Hardware", int)),
+                length_tokens=int(_number(path, line, row, "Input Output Length", int)),
+                batch_size=int(_number(path, line, row, "Batch Size", int)),
+                latency_s=_number(path, line, row, "Latency", float),
+                throughput_tps=_number(path, line, row, "Throughput", float),
+                power_w=_number(path, line, row, "avg_power", float) / 1000.0,
+            )
+        )
+    if not out:
+        raise InputDataError(f"{path}: no data rows")
+    return tuple(out)
+
+
+def read_mlenergy_v2(data_dir: Path) -> tuple[LeaderboardV2Point, ...]:
+    """Read every bundled ML.ENERGY leaderboard v2 chat configuration.
+
+    Args:
+        data_dir: Folder holding the bundled datasets (``data/``).
+
+    Returns:
+        One :class:`LeaderboardV2Point` per JSON file, sorted by path.
+    """
+    root = data_dir / MLENERGY_V2_CHAT
+    paths = sorted(root.glob("*/*/*/*.json"))
+    if not paths:
+        raise InputDataError(f"{root}: no configuration files; is the dataset bundled?")
+    out = []
+    for path in paths:
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+            point = LeaderboardV2Point(
+                path=str(path.relative_to(root)),
+                model=str(cfg["Model"]),
+                gpu=str(cfg["GPU"]),
+                tp=int(cfg["TP"]),
+                pp=int(cfg["PP"]),
+                avg_tpot_s=float(cfg["Avg TPOT (s)"]),
+                token_throughput_tps=float(cfg["Token tput (tok/s)"]),
+                avg_output_tokens=float(cfg["Avg Output Tokens"]),
+                avg_batch_size=float(cfg["Avg BS (reqs)"]),
+                max_batch_size=int(cfg["Max BS (reqs)"]),
+                energy_per_request_j=float(cfg["Energy/req (J)"]),
+            )
+        except OSError as exc:
+            raise InputDataError(f"{path}: cannot open ({exc})") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputDataError(f"{path}: not an ML.ENERGY v2 file ({exc!r})") from exc
+        if not (point.avg_tpot_s > 0 and point.avg_batch_size > 0 and point.tp > 0):
+            raise InputDataError(f"{path}: non-positive TPOT, batch or TP")
+        out.append(point)
     return tuple(out)

@@ -1,8 +1,14 @@
 """The profile table on disk: one CSV row per (serving config, request type).
 
-``write_profiles_csv`` and ``load_profiles`` round-trip exactly: floats are written with
-Python's shortest ``repr``, rows in the order given, ``\\n`` line ends, so the same
-profiles always give the same bytes.
+A row carries the SLO capacity and a curve of *load points* from loaded idle (rate 0) to
+capacity: request rate, instance power, and P50/P99 TTFT and TBT at that rate. List-valued
+cells hold one value per load point, separated by ``;``. The calibration command
+(``wattplan profiles calibrate``) and the profiler (``wattplan profile``) both write this
+format; ``load_profiles`` reads it back into :class:`~wattplan.domain.Profile` values.
+
+``write_profiles_csv`` and ``load_profile_records`` round-trip exactly: floats are written
+with Python's shortest ``repr``, rows in the order given, ``\\n`` line ends, so the same
+records always give the same bytes.
 """
 
 from __future__ import annotations
@@ -10,11 +16,18 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from wattplan.domain import REQUEST_TYPES, Profile, ServingConfig
+from wattplan.domain import LONG_CONTEXT_TYPE, REQUEST_TYPES, Profile, ServingConfig
 from wattplan.errors import InputDataError
+
+#: Request types a profile row may name: the nine DynamoLLM types and the long-context class.
+PROFILE_REQUEST_TYPES: tuple[str, ...] = (*REQUEST_TYPES, LONG_CONTEXT_TYPE)
+
+#: How a row was obtained.
+METHODS: tuple[str, ...] = ("calibrated", "measured", "manual")
 
 #: Column order of the profile CSV.
 PROFILE_COLUMNS: tuple[str, ...] = (
@@ -22,59 +35,147 @@ PROFILE_COLUMNS: tuple[str, ...] = (
     "model",
     "gpu_type",
     "tp",
+    "spp",
+    "kvp",
     "power_cap_w",
     "clock_mhz",
     "request_type",
     "capacity_rps",
-    "idle_power_w",
-    "power_at_capacity_w",
-    "ttft_p99_s",
-    "tbt_p99_s",
     "ttft_slo_s",
     "tbt_slo_s",
+    "load_rps",
+    "power_w",
+    "ttft_p50_s",
+    "ttft_p99_s",
+    "tbt_p50_s",
+    "tbt_p99_s",
+    "energy_per_request_j",
+    "method",
     "source",
 )
+_LIST_COLUMNS = ("load_rps", "power_w", "ttft_p50_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s")
+_SEP = ";"
 
 
-def _row(profile: Profile) -> list[str]:
-    config = profile.config
+@dataclass(frozen=True)
+class LoadPoint:
+    """What one instance does at one request rate: power and latency percentiles."""
+
+    rate_rps: float
+    power_w: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    tbt_p50_s: float
+    tbt_p99_s: float
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """A profile with its load points and how it was obtained (one CSV or table row).
+
+    ``profile.power_curve`` is the ``(rate, power)`` of ``points``; ``profile``'s latencies
+    are those of the last point (capacity).
+    """
+
+    profile: Profile
+    points: tuple[LoadPoint, ...]
+    method: str = "calibrated"
+
+    def __post_init__(self) -> None:
+        curve = tuple((p.rate_rps, p.power_w) for p in self.points)
+        name = f"profile {self.profile.config.key} {self.profile.request_type}"
+        if curve != self.profile.power_curve:
+            raise ValueError(f"{name}: load points do not match the profile's power curve")
+        last = self.points[-1]
+        if (last.ttft_p99_s, last.tbt_p99_s) != (self.profile.ttft_p99_s, self.profile.tbt_p99_s):
+            raise ValueError(f"{name}: the last load point's P99 latencies are not the profile's")
+        if self.method not in METHODS:
+            raise ValueError(f"{name}: method {self.method!r} is not one of {METHODS}")
+
+
+def make_record(
+    config: ServingConfig,
+    request_type: str,
+    points: Sequence[LoadPoint],
+    ttft_slo_s: float,
+    tbt_slo_s: float,
+    version: str,
+    source: str,
+    method: str = "calibrated",
+) -> ProfileRecord:
+    """Build a record whose profile's capacity is the last point's rate.
+
+    Raises:
+        ValueError: The points do not form a valid power curve (see ``Profile``).
+    """
+    last = points[-1]
+    profile = Profile(
+        config=config,
+        request_type=request_type,
+        capacity_rps=last.rate_rps,
+        power_curve=tuple((p.rate_rps, p.power_w) for p in points),
+        ttft_p99_s=last.ttft_p99_s,
+        tbt_p99_s=last.tbt_p99_s,
+        ttft_slo_s=ttft_slo_s,
+        tbt_slo_s=tbt_slo_s,
+        version=version,
+        source=source,
+        ttft_p50_s=last.ttft_p50_s,
+        tbt_p50_s=last.tbt_p50_s,
+    )
+    return ProfileRecord(profile, tuple(points), method)
+
+
+def _row(record: ProfileRecord) -> list[str]:
+    profile, config = record.profile, record.profile.config
+
+    def joined(values: Iterable[float]) -> str:
+        return _SEP.join(repr(v) for v in values)
+
+    points = record.points
     return [
         profile.version,
         config.model,
         config.gpu_type,
         str(config.tp),
+        str(config.spp),
+        str(config.kvp),
         str(config.power_cap_w),
         "" if config.clock_mhz is None else str(config.clock_mhz),
         profile.request_type,
         repr(profile.capacity_rps),
-        repr(profile.idle_power_w),
-        repr(profile.power_at_capacity_w),
-        repr(profile.ttft_p99_s),
-        repr(profile.tbt_p99_s),
         repr(profile.ttft_slo_s),
         repr(profile.tbt_slo_s),
+        joined(p.rate_rps for p in points),
+        joined(p.power_w for p in points),
+        joined(p.ttft_p50_s for p in points),
+        joined(p.ttft_p99_s for p in points),
+        joined(p.tbt_p50_s for p in points),
+        joined(p.tbt_p99_s for p in points),
+        repr(round(profile.energy_per_request_j, 1)),
+        record.method,
         profile.source,
     ]
 
 
-def format_profiles_csv(profiles: Iterable[Profile]) -> str:
-    """Render profiles as CSV text (header first, ``\\n`` line ends)."""
+def format_profiles_csv(records: Iterable[ProfileRecord]) -> str:
+    """Render records as CSV text (header first, ``\\n`` line ends)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(PROFILE_COLUMNS)
-    writer.writerows(_row(p) for p in profiles)
+    writer.writerows(_row(r) for r in records)
     return buffer.getvalue()
 
 
-def write_profiles_csv(profiles: Iterable[Profile], path: Path) -> None:
-    """Write profiles to a CSV file, creating its folder; same profiles, same bytes.
+def write_profiles_csv(records: Iterable[ProfileRecord], path: Path) -> None:
+    """Write records to a CSV file, creating its folder; same records, same bytes.
 
     Args:
-        profiles: Rows to write, in the order to write them.
+        records: Rows to write, in the order to write them.
         path: Destination file; overwritten.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(format_profiles_csv(profiles).encode("utf-8"))
+    path.write_bytes(format_profiles_csv(records).encode("utf-8"))
 
 
 class _Cells:
@@ -95,20 +196,47 @@ class _Cells:
             raise self.fail(column, "must not be empty")
         return value
 
-    def number(self, column: str, kind: Callable[[str], float], positive: bool) -> float:
+    def _parse(
+        self, column: str, text: str, kind: Callable[[str], float], positive: bool, where: str = ""
+    ) -> float:
         try:
-            value = kind(self.text(column))
+            value = kind(text)
         except ValueError as exc:
-            raise self.fail(column, f"is not a valid {getattr(kind, '__name__', kind)}") from exc
+            name = getattr(kind, "__name__", kind)
+            raise self.fail(column, f"{where}is not a valid {name}") from exc
         if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            raise self.fail(column, "must be a finite number " + (">0" if positive else ">=0"))
+            bound = ">0" if positive else ">=0"
+            raise self.fail(column, f"{where}must be a finite number {bound}")
         return value
 
+    def number(self, column: str, kind: Callable[[str], float], positive: bool) -> float:
+        return self._parse(column, self.text(column), kind, positive)
 
-def _profile(cells: _Cells) -> Profile:
+    def numbers(self, column: str) -> list[float]:
+        parts = self.text(column).split(_SEP)
+        return [
+            self._parse(column, part, float, False, f"item {i} ({part!r}) ")
+            for i, part in enumerate(parts, start=1)
+        ]
+
+
+def _points(cells: _Cells) -> tuple[LoadPoint, ...]:
+    columns = {c: cells.numbers(c) for c in _LIST_COLUMNS}
+    counts = {len(v) for v in columns.values()}
+    if len(counts) != 1:
+        raise cells.fail("load_rps", f"list lengths differ across {', '.join(_LIST_COLUMNS)}")
+    return tuple(
+        LoadPoint(*(columns[c][i] for c in _LIST_COLUMNS)) for i in range(len(columns["load_rps"]))
+    )
+
+
+def _record(cells: _Cells) -> ProfileRecord:
     request_type = cells.text("request_type")
-    if request_type not in REQUEST_TYPES:
-        raise cells.fail("request_type", f"is not one of {', '.join(REQUEST_TYPES)}")
+    if request_type not in PROFILE_REQUEST_TYPES:
+        raise cells.fail("request_type", f"is not one of {', '.join(PROFILE_REQUEST_TYPES)}")
+    method = cells.text("method")
+    if method not in METHODS:
+        raise cells.fail("method", f"is not one of {', '.join(METHODS)}")
     clock = cells.row.get("clock_mhz") or ""
     config = ServingConfig(
         model=cells.text("model"),
@@ -116,33 +244,43 @@ def _profile(cells: _Cells) -> Profile:
         tp=int(cells.number("tp", int, positive=True)),
         power_cap_w=int(cells.number("power_cap_w", int, positive=True)),
         clock_mhz=None if clock == "" else int(cells.number("clock_mhz", int, positive=True)),
+        spp=int(cells.number("spp", int, positive=True)),
+        kvp=int(cells.number("kvp", int, positive=True)),
     )
-    profile = Profile(
-        config=config,
-        request_type=request_type,
-        capacity_rps=cells.number("capacity_rps", float, positive=True),
-        idle_power_w=cells.number("idle_power_w", float, positive=False),
-        power_at_capacity_w=cells.number("power_at_capacity_w", float, positive=True),
-        ttft_p99_s=cells.number("ttft_p99_s", float, positive=True),
-        tbt_p99_s=cells.number("tbt_p99_s", float, positive=True),
-        ttft_slo_s=cells.number("ttft_slo_s", float, positive=True),
-        tbt_slo_s=cells.number("tbt_slo_s", float, positive=True),
-        version=cells.text("version"),
-        source=cells.text("source"),
-    )
-    if profile.power_at_capacity_w < profile.idle_power_w:
-        raise cells.fail("power_at_capacity_w", "is below idle_power_w")
-    return profile
+    capacity = cells.number("capacity_rps", float, positive=True)
+    points = _points(cells)
+    if points[-1].rate_rps != capacity:
+        raise cells.fail("load_rps", f"must end at capacity_rps {capacity!r}")
+    try:
+        record = make_record(
+            config,
+            request_type,
+            points,
+            ttft_slo_s=cells.number("ttft_slo_s", float, positive=True),
+            tbt_slo_s=cells.number("tbt_slo_s", float, positive=True),
+            version=cells.text("version"),
+            source=cells.text("source"),
+            method=method,
+        )
+    except ValueError as exc:
+        raise cells.fail("load_rps", f"does not form a valid power curve: {exc}") from exc
+    energy = cells.number("energy_per_request_j", float, positive=False)
+    if abs(energy - record.profile.energy_per_request_j) > 0.05 + 1e-9 * energy:
+        raise cells.fail(
+            "energy_per_request_j",
+            f"disagrees with the last power / capacity ({record.profile.energy_per_request_j})",
+        )
+    return record
 
 
-def load_profiles(path: Path) -> list[Profile]:
+def load_profile_records(path: Path) -> list[ProfileRecord]:
     """Read and validate a profile CSV written by :func:`write_profiles_csv`.
 
     Args:
         path: The CSV file.
 
     Returns:
-        One :class:`~wattplan.domain.Profile` per data row, in file order.
+        One :class:`ProfileRecord` per data row, in file order.
 
     Raises:
         InputDataError: The file cannot be read, a column is missing, a cell is empty or
@@ -158,20 +296,26 @@ def load_profiles(path: Path) -> list[Profile]:
     missing = [c for c in PROFILE_COLUMNS if c not in header]
     if missing:
         raise InputDataError(f"{path}: line 1: missing column(s) {', '.join(missing)}")
-    profiles: list[Profile] = []
-    seen: dict[tuple[str, str], int] = {}
+    records: list[ProfileRecord] = []
+    seen: dict[tuple[str, str, str], int] = {}
     for row in reader:
         line = reader.line_num
         if None in row or any(v is None for v in row.values()):
             raise InputDataError(
                 f"{path}: line {line}: expected {len(header)} fields, got a different count"
             )
-        profile = _profile(_Cells(path, line, row))
-        key = (profile.config.key, profile.request_type)
+        record = _record(_Cells(path, line, row))
+        profile = record.profile
+        key = (profile.version, profile.config.key, profile.request_type)
         if key in seen:
             raise InputDataError(
-                f"{path}: line {line}: duplicate of line {seen[key]} for {key[0]} {key[1]}"
+                f"{path}: line {line}: duplicate of line {seen[key]} for {key[1]} {key[2]}"
             )
         seen[key] = line
-        profiles.append(profile)
-    return profiles
+        records.append(record)
+    return records
+
+
+def load_profiles(path: Path) -> list[Profile]:
+    """The profiles of a profile CSV (see :func:`load_profile_records`)."""
+    return [record.profile for record in load_profile_records(path)]

@@ -1,5 +1,9 @@
-"""GPU telemetry files: the JSONL sample format, a parser that never fails on content, and
-per-instance energy windows from NVML energy-counter deltas.
+"""GPU telemetry files: the sample fields and their rules, the JSONL format, the line loop
+every format shares, and per-instance energy windows from NVML energy-counter deltas.
+
+The collector's own spool format (PostgreSQL COPY text under a header, read vectorised) is
+``telemetry.gpu_spool``; it validates lines with :func:`parse_sample_object` and
+:func:`scan_lines` from here, so both formats accept and reject the same samples.
 
 Pure functions over bytes and plain values; the collector that writes the files is
 ``telemetry.nvml_collector`` and the database loader is ``wattplan.ingest_gpu``. The format,
@@ -55,8 +59,9 @@ SAMPLE_KEYS: tuple[str, ...] = (
     *MEASUREMENT_FIELDS,
     "unsupported_fields",
 )
-#: ``gpu_telemetry`` columns a loader writes, in order (the sample keys, then provenance).
-COPY_COLUMNS: tuple[str, ...] = (*SAMPLE_KEYS, "source", "line_no")
+#: ``gpu_telemetry`` columns a loader writes, in order: the sample keys (a row's file is
+#: recorded per load in ``ingest_runs.files``).
+COPY_COLUMNS: tuple[str, ...] = SAMPLE_KEYS
 
 #: Samples must lie in [1970, 2200): anything else is a broken clock, not telemetry.
 MIN_SAMPLED_AT = datetime(1970, 1, 1, tzinfo=UTC)
@@ -230,22 +235,27 @@ def format_sample_line(record: Mapping[str, Any]) -> str:
 
 # --- spool file names -----------------------------------------------------------------------
 
-#: Closed spool files: ``gpu-<node>-<first sample, UTC, %Y%m%dT%H%M%S.%fZ>.jsonl``.
-SPOOL_SUFFIX = ".jsonl"
-#: Suffix of the file the collector is still writing (never read by loaders).
-PART_SUFFIX = ".jsonl.part"
+#: Closed spool files the collector writes: ``gpu-<node>-<first sample, UTC,
+#: %Y%m%dT%H%M%S.%fZ>.tsv`` (the spool format, :mod:`telemetry.gpu_spool`).
+SPOOL_SUFFIX = ".tsv"
+#: GPU telemetry files in the JSONL format (this module), from other producers.
+JSONL_SUFFIX = ".jsonl"
+#: Suffixes of the GPU telemetry files loaders read.
+TELEMETRY_SUFFIXES = (SPOOL_SUFFIX, JSONL_SUFFIX)
+#: Appended to the name of a file the collector is still writing (never read by loaders).
+PART_SUFFIX = ".part"
 _FILE_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
-_FILE_NAME = re.compile(r"gpu-(.+)-([0-9]{8}T[0-9]{6}\.[0-9]{6}Z)(?:-[0-9]+)?\.jsonl")
+_FILE_NAME = re.compile(r"gpu-(.+)-([0-9]{8}T[0-9]{6}\.[0-9]{6}Z)(?:-[0-9]+)?\.(?:tsv|jsonl)")
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def spool_file_name(node: str, first_sampled_at: datetime) -> str:
-    """Name of a closed spool file: ``gpu-<node>-<first sample UTC>.jsonl``.
+def spool_file_name(node: str, first_sampled_at: datetime, suffix: str = SPOOL_SUFFIX) -> str:
+    """Name of a closed telemetry file: ``gpu-<node>-<first sample UTC><suffix>``.
 
     Characters of ``node`` outside ``[A-Za-z0-9_.-]`` become ``_``.
     """
     safe = _UNSAFE_FILE_CHARS.sub("_", node) or "_"
-    return f"gpu-{safe}-{first_sampled_at.astimezone(UTC).strftime(_FILE_TIME_FORMAT)}.jsonl"
+    return f"gpu-{safe}-{first_sampled_at.astimezone(UTC).strftime(_FILE_TIME_FORMAT)}{suffix}"
 
 
 def parse_spool_file_name(name: str) -> tuple[str, datetime] | None:
@@ -276,7 +286,7 @@ class GpuScan:
     """Everything one pass over telemetry files yields, in columns (see :func:`scan_gpu_bytes`).
 
     Column lists hold the accepted samples *in the interval* in line order; ``copy_by_day``
-    holds their ``COPY`` text lines (with ``source`` and ``line_no``) by UTC day
+    holds their ``COPY`` text (rows of :data:`COPY_COLUMNS`) in chunks by UTC day
     (``YYYYMMDD``). ``anchors`` keeps, per GPU, the latest accepted sample before the
     interval as ``(t_s, energy_mj, power_w)`` for energy deltas. ``rejected`` holds every
     rejected line whose attributed time is in the interval or unknown.
@@ -288,7 +298,7 @@ class GpuScan:
     instance_id: list[str | None] = field(default_factory=list)
     energy_mj: array[float] = field(default_factory=lambda: array("d"))
     power_w: array[float] = field(default_factory=lambda: array("d"))
-    copy_by_day: dict[str, list[str]] = field(default_factory=dict)
+    copy_by_day: dict[str, list[bytes]] = field(default_factory=dict)
     samples: list[GpuSample] = field(default_factory=list)
     anchors: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     rejected: list[RejectedRow] = field(default_factory=list)
@@ -318,9 +328,38 @@ def parse_gpu_file(path: Path, *, source: str | None = None) -> ParsedGpuFile:
     Raises:
         InputDataError: the file is missing or unreadable.
     """
-    scan = scan_gpu_bytes(read_gpu_file(path), source or path.name, keep_samples=True)
+    scan = scan_file_bytes(read_gpu_file(path), source or path.name, keep_samples=True)
     return ParsedGpuFile(
         tuple(scan.samples), tuple(scan.rejected), len(scan.samples) + len(scan.rejected)
+    )
+
+
+def scan_file_bytes(
+    data: bytes,
+    source: str,
+    *,
+    start_s: float = -math.inf,
+    end_s: float = math.inf,
+    seen: SeenSamples | None = None,
+    keep_samples: bool = False,
+    into: GpuScan | None = None,
+) -> GpuScan:
+    """Scan one telemetry file in the format its name says: ``*.jsonl`` JSONL
+    (:func:`scan_gpu_bytes`), anything else the collector's spool format
+    (:func:`telemetry.gpu_spool.scan_spool_bytes`). Arguments as for :func:`scan_gpu_bytes`.
+    """
+    if source.endswith(JSONL_SUFFIX):
+        scan = scan_gpu_bytes
+    else:
+        from telemetry.gpu_spool import scan_spool_bytes as scan  # the module imports this one
+    return scan(
+        data,
+        source,
+        start_s=start_s,
+        end_s=end_s,
+        seen=seen,
+        keep_samples=keep_samples,
+        into=into,
     )
 
 
@@ -335,7 +374,7 @@ def read_gpu_file(path: Path) -> bytes:
     except OSError as exc:
         raise InputDataError(
             f"cannot read GPU telemetry file {path}: {exc.strerror or exc}; check the path "
-            "(the collector's spool folder holds closed files named gpu-<node>-<time>.jsonl)"
+            "(the collector's spool folder holds closed files named gpu-<node>-<time>.tsv)"
         ) from exc
 
 
@@ -360,27 +399,34 @@ def _split_lines(data: bytes) -> tuple[list[str | bytes], bool]:
 class SeenSamples:
     """The ``(gpu_uuid, sampled_at)`` keys accepted so far in one load, to reject repeats.
 
-    Kept as one sorted list of timestamp texts per GPU: samples arrive in time order, so
-    the common case is one comparison and an append (far cheaper than a set of tuples).
+    Kept as one sorted list of sample times (integer microseconds since the epoch, see
+    :func:`micros`) per GPU: samples arrive in time order, so the common case is one
+    comparison and an append (far cheaper than a set of tuples).
     """
 
     def __init__(self) -> None:
-        self.by_gpu: dict[str, list[str]] = {}
+        self.by_gpu: dict[str, list[int]] = {}
 
-    def add(self, gpu_uuid: str, sampled_at_text: str) -> bool:
-        """Record a key; False if it was already there (canonical timestamp text)."""
+    def add(self, gpu_uuid: str, sampled_at_us: int) -> bool:
+        """Record a key; False if it was already there."""
         times = self.by_gpu.get(gpu_uuid)
         if times is None:
-            self.by_gpu[gpu_uuid] = [sampled_at_text]
+            self.by_gpu[gpu_uuid] = [sampled_at_us]
             return True
-        if sampled_at_text > times[-1]:
-            times.append(sampled_at_text)
+        if sampled_at_us > times[-1]:
+            times.append(sampled_at_us)
             return True
-        i = bisect.bisect_left(times, sampled_at_text)
-        if i < len(times) and times[i] == sampled_at_text:
+        i = bisect.bisect_left(times, sampled_at_us)
+        if i < len(times) and times[i] == sampled_at_us:
             return False
-        times.insert(i, sampled_at_text)
+        times.insert(i, sampled_at_us)
         return True
+
+
+def micros(t_s: float) -> int:
+    """A sample time in whole microseconds since the epoch (exact for [1970, 2200): the
+    float's error there is below 1 us)."""
+    return round(t_s * 1_000_000)
 
 
 def scan_gpu_bytes(
@@ -411,18 +457,63 @@ def scan_gpu_bytes(
             API; slower).
         into: Append to this scan instead of a new one.
     """
-    out = into if into is not None else GpuScan()
-    by_gpu = (SeenSamples() if seen is None else seen).by_gpu
     lines, ends_in_newline = _split_lines(data)
     if lines and lines[-1] in ("", b""):
         lines.pop()
         ends_in_newline = True
-    copy_source = _copy_escape(source)
+    return scan_lines(
+        lines,
+        ends_in_newline,
+        source,
+        start_s=start_s,
+        end_s=end_s,
+        seen=seen,
+        keep_samples=keep_samples,
+        into=into,
+    )
+
+
+#: A line parser of one file format: the line (stripped, not blank) -> ``(texts, t_s,
+#: unsupported)`` where ``texts`` are the 14 sample values before ``unsupported_fields`` as
+#: unescaped text (None for null) and ``unsupported`` is ``(array text, names)``; raises
+#: :class:`_Reject` for a line that breaks a rule.
+LineParser = Callable[[str], tuple[tuple[str | None, ...], float, tuple[str, tuple[str, ...]]]]
+
+
+def scan_lines(
+    lines: Sequence[str | bytes],
+    ends_in_newline: bool,
+    source: str,
+    *,
+    first_line_no: int = 1,
+    parse_line: LineParser | None = None,
+    start_s: float = -math.inf,
+    end_s: float = math.inf,
+    seen: SeenSamples | None = None,
+    keep_samples: bool = False,
+    into: GpuScan | None = None,
+) -> GpuScan:
+    """The line loop of :func:`scan_gpu_bytes`, for any line format.
+
+    Args:
+        lines: The file's lines (str, or bytes where not valid UTF-8), without the final
+            empty one.
+        ends_in_newline: Whether the file ends in a newline (else its last line may be a
+            truncated write).
+        source: Name stored with each row (the file name).
+        first_line_no: Line number of ``lines[0]`` (2 after a header line).
+        parse_line: Parser of a line; None: the JSONL format (canonical lines by regular
+            expression, any other spelling by :mod:`json`).
+        start_s, end_s, seen, keep_samples, into: As for :func:`scan_gpu_bytes`.
+    """
+    out = into if into is not None else GpuScan()
+    by_gpu = (SeenSamples() if seen is None else seen).by_gpu
     # Rejected lines with no readable time so far wait here for the next readable one.
     pending: list[tuple[int, str | bytes, str]] = []
     last_t_s: float | None = None
-    last_line_no = len(lines)
-    fast = _CANONICAL.fullmatch
+    last_line_no = first_line_no + len(lines) - 1
+    fast = _CANONICAL.fullmatch if parse_line is None else _no_match
+    slow = _parse_slow if parse_line is None else parse_line
     fromiso = datetime.fromisoformat
     arrays = _ARRAY_CACHE
     nan = math.nan
@@ -437,6 +528,7 @@ def scan_gpu_bytes(
     sweep_text, sweep_t_s = "", 0.0
     no_lines: list[str] = []
     add_copy: Callable[[str], None] = no_lines.append
+    day_lines: dict[str, list[str]] = {}
 
     def reject(line_no: int, raw: str | bytes, reason: str, t_s: float | None) -> None:
         nonlocal last_t_s
@@ -448,7 +540,7 @@ def scan_gpu_bytes(
             _flush_pending(out, pending, source, t_s, start_s, end_s)
         _add_reject(out, source, line_no, raw, reason, last_t_s, start_s, end_s)
 
-    for line_no, line in enumerate(lines, start=1):
+    for line_no, line in enumerate(lines, start=first_line_no):
         if isinstance(line, bytes):
             if line.strip(_BLANK.encode()):
                 reject(line_no, line, "not valid UTF-8 (binary data or another encoding)", None)
@@ -481,7 +573,7 @@ def scan_gpu_bytes(
             if not stripped:
                 continue
             try:
-                g, t_s, unsupported = _parse_slow(stripped)
+                g, t_s, unsupported = slow(stripped)
             except _Reject as exc:
                 reason = str(exc)
                 if line_no == last_line_no and not ends_in_newline:
@@ -504,18 +596,19 @@ def scan_gpu_bytes(
                     out.anchors[uuid] = (t_s, _num(energy), _num(power))
             continue
         ts_text = g[1]
+        t_us = round(t_s * 1_000_000)  # micros(), inlined
         times = by_gpu.get(uuid)
         if times is None:
-            by_gpu[uuid] = [ts_text]
-        elif ts_text > times[-1]:
-            times.append(ts_text)
+            by_gpu[uuid] = [t_us]
+        elif t_us > times[-1]:
+            times.append(t_us)
         else:
-            i = bisect.bisect_left(times, ts_text)
-            if i < len(times) and times[i] == ts_text:
+            i = bisect.bisect_left(times, t_us)
+            if i < len(times) and times[i] == t_us:
                 reason = f"duplicate: {uuid} at {ts_text} was already read (first one kept)"
                 _add_reject(out, source, line_no, line, reason, t_s, start_s, end_s)
                 continue
-            times.insert(i, ts_text)
+            times.insert(i, t_us)
         instance = g[4]
         if canonical and instance == _NULL:
             instance = None
@@ -532,15 +625,21 @@ def scan_gpu_bytes(
             continue
         if ts_text[:10] != day_key:
             day_key = ts_text[:10]
-            add_copy = out.copy_by_day.setdefault(day_key.replace("-", ""), []).append
+            add_copy = day_lines.setdefault(day_key.replace("-", ""), []).append
         if canonical:
-            add_copy(f"{chr_tab.join(g[:14])}\t{unsupported[0]}\t{copy_source}\t{line_no}\n")
+            add_copy(f"{chr_tab.join(g[:14])}\t{unsupported[0]}\n")
         else:
             head = chr_tab.join(map(_copy_field, g[:14]))
-            add_copy(f"{head}\t{unsupported[0]}\t{copy_source}\t{line_no}\n")
+            add_copy(f"{head}\t{unsupported[0]}\n")
     for line_no, raw, reason in pending:  # a file without a single readable time
         _add_reject(out, source, line_no, raw, reason, None, start_s, end_s)
+    for day, texts in day_lines.items():
+        out.copy_by_day.setdefault(day, []).append("".join(texts).encode())
     return out
+
+
+def _no_match(line: str) -> None:
+    return None
 
 
 chr_tab = "\t"
@@ -676,6 +775,21 @@ def _parse_slow(
         raise _Reject(f"not valid JSON ({str(exc)[:120]})") from None
     if not isinstance(obj, dict):
         raise _Reject(f"not a JSON object but {type(obj).__name__}")
+    return parse_sample_object(obj)
+
+
+def parse_sample_object(
+    obj: dict[str, Any],
+) -> tuple[tuple[str | None, ...], float, tuple[str, tuple[str, ...]]]:
+    """Validate one sample given as a mapping of the :data:`SAMPLE_KEYS` to JSON-like values
+    (str, int, float, list, None): what every line format reduces to.
+
+    Returns:
+        ``(texts, t_s, unsupported)`` as described for :data:`LineParser`.
+
+    Raises:
+        _Reject: a rule is broken (the message is the reject reason).
+    """
     t_s = None
     raw_at = obj.get("sampled_at")
     try:

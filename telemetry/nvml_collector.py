@@ -2,9 +2,10 @@
 
 One process per GPU node (``wattplan collect``). Every ``interval_s`` it reads each GPU's
 energy counter, power, clocks, power limit, utilisation, memory and temperature through
-NVML and appends one canonical JSON line per GPU (``telemetry.gpu.format_sample_line``) to
-a ``*.jsonl.part`` file in the spool folder. Files rotate by size and age; a closed file is
-fsynced and renamed to ``gpu-<node>-<first sample UTC>.jsonl`` in one atomic step, so
+NVML and appends one line per GPU (``telemetry.gpu_spool.format_spool_line``: the spool
+format, PostgreSQL COPY text under a header line) to a ``*.tsv.part`` file in the spool
+folder. Files rotate by size and age; a closed file is fsynced and renamed to
+``gpu-<node>-<first sample UTC>.tsv`` in one atomic step, so
 loaders only ever see complete files. The collector never talks to the database: when it
 is away, files simply wait in the spool. Format and operation: docs/telemetry.md.
 
@@ -33,10 +34,11 @@ import pynvml
 from telemetry.gpu import (
     MEASUREMENT_FIELDS,
     PART_SUFFIX,
-    format_sample_line,
+    SPOOL_SUFFIX,
     parse_spool_file_name,
     spool_file_name,
 )
+from telemetry.gpu_spool import SPOOL_HEADER, format_spool_line
 from wattplan.errors import ConfigError, WattplanError
 
 log = logging.getLogger(__name__)
@@ -189,11 +191,12 @@ def _instance_for(mapping: Mapping[str, str], index: int, uuid: str) -> str | No
 
 
 class SpoolWriter:
-    """Appends sweeps to ``*.jsonl.part`` files and closes them atomically.
+    """Appends sweeps to ``*.tsv.part`` spool files and closes them atomically.
 
-    A sweep is never split across files. Closing fsyncs the file and renames it to its
-    final name (``gpu-<node>-<first sample>.jsonl``; ``-1``, ``-2`` ... appended if that
-    name is taken), so a reader listing ``*.jsonl`` only sees complete files.
+    Each file starts with the spool header (:data:`telemetry.gpu_spool.SPOOL_HEADER`). A
+    sweep is never split across files. Closing fsyncs the file and renames it to its final
+    name (``gpu-<node>-<first sample>.tsv``; ``-1``, ``-2`` ... appended if that name is
+    taken), so a reader listing ``*.tsv`` only sees complete files.
     """
 
     def __init__(self, spool_dir: Path, node: str, rotate_bytes: int, rotate_s: float) -> None:
@@ -217,14 +220,14 @@ class SpoolWriter:
         mine = parse_spool_file_name(spool_file_name(self.node, datetime.now(UTC)))
         assert mine is not None
         closed = []
-        for part in sorted(self.spool_dir.glob(f"gpu-*{PART_SUFFIX}")):
-            named = parse_spool_file_name(part.name[: -len(".part")])
+        for part in sorted(self.spool_dir.glob(f"gpu-*{SPOOL_SUFFIX}{PART_SUFFIX}")):
+            named = parse_spool_file_name(part.name[: -len(PART_SUFFIX)])
             if named is None or named[0] != mine[0]:
                 continue  # another node's file, or not a spool file
             if part.stat().st_size == 0:
                 part.unlink()
                 continue
-            final = self._free_name(part.name[: -len(".part")], check_part=False)
+            final = self._free_name(part.name[: -len(PART_SUFFIX)], check_part=False)
             os.replace(part, final)
             closed.append(final)
             log.warning("closed %s left by an earlier run (crash?) as %s", part.name, final.name)
@@ -271,19 +274,22 @@ class SpoolWriter:
 
     def _open(self, first_at: datetime) -> None:
         final = self._free_name(spool_file_name(self.node, first_at))
-        part = final.with_name(final.name + ".part")
+        part = final.with_name(final.name + PART_SUFFIX)
         self._handle = part.open("xb")
-        self._part, self._final, self._first_at, self._bytes = part, final, first_at, 0
+        header = f"{SPOOL_HEADER}\n".encode()
+        self._handle.write(header)
+        self._part, self._final, self._first_at = part, final, first_at
+        self._bytes = len(header)
 
     def _free_name(self, name: str, *, check_part: bool = True) -> Path:
-        """``name`` in the spool, or ``<stem>-N.jsonl`` if it (or its .part) exists."""
-        stem = name[: -len(".jsonl")]
+        """``name`` in the spool, or ``<stem>-N.tsv`` if it (or its .part) exists."""
+        stem = name[: -len(SPOOL_SUFFIX)]
         candidate, n = name, 0
         while (self.spool_dir / candidate).exists() or (
             check_part and (self.spool_dir / f"{candidate}.part").exists()
         ):
             n += 1
-            candidate = f"{stem}-{n}.jsonl"
+            candidate = f"{stem}-{n}{SPOOL_SUFFIX}"
         return self.spool_dir / candidate
 
 
@@ -437,7 +443,7 @@ def run_collector(
             elapsed_s = (now - started).total_seconds()
             if duration_s is not None and elapsed_s >= duration_s:
                 break
-            lines = [format_sample_line(read_sample(g, config.node, now, stats)) for g in gpus]
+            lines = [format_spool_line(read_sample(g, config.node, now, stats)) for g in gpus]
             closed = writer.write_sweep(lines, now)
             if closed is not None:
                 stats.files_closed.append(closed)

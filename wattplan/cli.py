@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from wattplan.errors import WattplanError
 from wattplan.settings import Settings
@@ -50,6 +50,7 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
                     {
                         "plan_id": plan.plan_id,
                         "status": status.value,
+                        "degraded": plan.degraded,
                         "gpus": plan.layout.gpus,
                         "items": [
                             {
@@ -78,8 +79,10 @@ def _cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     import sqlalchemy as sa
 
-    from wattplan import jobs, report
+    from wattplan import jobs, report, reporting
 
+    if args.action != "plan":
+        return _cmd_report_views(args, settings)
     engine = jobs.engine_for(settings)
     try:
         with engine.connect() as conn:
@@ -97,9 +100,42 @@ def _cmd_report(args: argparse.Namespace, settings: Settings) -> int:
                 print("no plans yet: run `wattplan demo` or the plan_cluster DAG", file=sys.stderr)
                 return 1
             data = report.plan_report(conn, plan_id)
-        paths = report.write_report(data, settings.state_dir / "reports")
+        paths = report.write_report(data, settings.reports_dir)
         print(json.dumps(data, indent=2))
         print(f"report files: {paths[0]} {paths[1]}", file=sys.stderr)
+        latest = reporting.latest_daily_folder(settings)
+        print(
+            f"plots: {latest / 'index.html'}"
+            if latest
+            else "plots: none yet (`wattplan report plots` renders them)",
+            file=sys.stderr,
+        )
+        return 0
+    finally:
+        engine.dispose()
+
+
+def _cmd_report_views(args: argparse.Namespace, settings: Settings) -> int:
+    from wattplan import jobs, reporting
+
+    engine = jobs.engine_for(settings)
+    try:
+        if args.action == "grant-role":
+            with engine.begin() as conn:
+                grant = reporting.grant_report_role(conn, args.role)
+            verb = "created" if grant.created else "updated"
+            print(f"role {grant.role} {verb}: SELECT on {len(grant.relations)} report views")
+            print(", ".join(grant.relations))
+            return 0
+        counts = reporting.refresh_reports(engine, settings)
+        print(json.dumps({"refreshed": counts}, indent=2), file=sys.stderr)
+        if args.action == "refresh":
+            return 0
+        day = args.day or reporting.last_reported_day(engine, settings)
+        page = reporting.render_daily_report(engine, settings, day, args.days)
+        for path in sorted(page.parent.glob("*.png")):
+            print(path)
+        print(page)
         return 0
     finally:
         engine.dispose()
@@ -112,6 +148,14 @@ def _iso(text: str) -> datetime:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _date(text: str) -> date:
+    """A calendar day, ``YYYY-MM-DD``."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day like 2023-11-16") from exc
 
 
 def _cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
@@ -191,6 +235,25 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return run_demo(settings, keep_running=args.keep_running)
 
 
+def _cmd_forecast(args: argparse.Namespace, settings: Settings) -> int:
+    from wattplan import forecasts
+
+    if args.action == "bench":
+        figures = forecasts.run_bench(settings, runs=args.runs, start_day=args.start_day)
+        print(json.dumps(figures, indent=2) if args.json else figures)
+        return 0
+    result = forecasts.run_evaluation(
+        settings,
+        args.workload,
+        window_s=args.window_s,
+        quantile=args.quantile,
+        candidates=[c for c in (args.candidates or "").split(",") if c],
+        seed=args.seed,
+    )
+    print(json.dumps(result, indent=2) if args.json else forecasts.format_evaluation(result))
+    return 0
+
+
 def _cmd_airflow(args: argparse.Namespace, settings: Settings) -> int:
     from wattplan import local_airflow
 
@@ -261,9 +324,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--comment", default="", help="why")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("report", help="report a plan against the load that arrived")
-    p.add_argument("--plan-id", help="plan to report (default: the newest)")
+    p = sub.add_parser(
+        "report",
+        help="report a plan against the load that arrived; refresh the report views, render "
+        "their plots, set up the read-only BI role",
+        description="Reports. plan (the default): one plan against the load that arrived, "
+        "written to WATTPLAN_REPORTS_DIR, and where the latest plots are. refresh: record the "
+        "cluster's site (zone, window, profile version) and refresh the materialized report "
+        "views. plots: refresh, then render the plots (PNG) and one self-contained HTML page "
+        "for --days days up to --day into WATTPLAN_REPORTS_DIR/daily/DAY/, and print their "
+        "paths. grant-role: create (NOLOGIN) or update a role with SELECT on the report_* "
+        "views only, for BI tools (see docs/reports.md).",
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        default="plan",
+        choices=["plan", "refresh", "plots", "grant-role"],
+        help="what to do (default: plan)",
+    )
+    p.add_argument("--plan-id", help="plan: plan to report (default: the newest)")
+    p.add_argument(
+        "--day", type=_date, help="plots: last UTC day shown (default: the last with data)"
+    )
+    p.add_argument("--days", type=int, default=14, help="plots: days shown (default 14)")
+    p.add_argument(
+        "--role", default="wattplan_report", help="grant-role: role name (default wattplan_report)"
+    )
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
+        "forecast",
+        help="evaluate the load forecasters (rolling origin) or time the planning job",
+        description="evaluate: rolling-origin evaluation of every model, both baselines and "
+        "the per-series selection on a workload (never scoring a window used in fitting): "
+        "MAPE/sMAPE of mean and peak, pinball loss, coverage of the upper quantile, "
+        "under-provisioning rate, per request type and overall. bench: time the planning "
+        "job's forecast step on ServeGen windows in a throwaway database.",
+    )
+    p.add_argument("action", choices=["evaluate", "bench"])
+    p.add_argument(
+        "--workload",
+        default="servegen",
+        help="servegen, azure-conv, azure-code (bundled) or a PATH: a ServeGen model folder "
+        "or a request-log file (Azure CSV or JSONL); default servegen",
+    )
+    p.add_argument(
+        "--window-s",
+        type=int,
+        help="evaluation window in seconds (default 1800; 300 for the one-hour Azure traces)",
+    )
+    p.add_argument(
+        "--quantile", type=float, help="upper quantile (default WATTPLAN_FORECAST_QUANTILE)"
+    )
+    p.add_argument(
+        "--candidates",
+        help="comma-separated models the selection picks from (default: all: "
+        "ets,fourier_arima,stl_arima,persistence,seasonal_naive,weekly_template)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="ServeGen: seed of the 1-minute counts")
+    p.add_argument("--runs", type=int, default=48, help="bench: planning runs to time")
+    p.add_argument("--start-day", type=int, default=7, help="bench: ServeGen day of the first run")
+    p.add_argument("--json", action="store_true", help="print the full figures as JSON")
+    p.set_defaults(func=_cmd_forecast)
 
     # Dispatched in main() before parsing; listed here for --help.
     sub.add_parser("agent", help="run the reference cluster agent (`wattplan agent --help`)")
@@ -281,8 +404,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the NVML GPU telemetry collector on this node (`wattplan collect --help`; "
         "--spool-dir defaults to WATTPLAN_GPU_SPOOL_DIR)",
     )
-    sub.add_parser("bench", help="benchmarks, e.g. `wattplan bench ingest --rows 1000000 --json`")
-    sub.add_parser("profiles", help="rebuild data/profiles/v0.csv (`wattplan profiles --help`)")
+    sub.add_parser(
+        "bench",
+        help="benchmarks: `wattplan bench ingest --rows 1000000 --json`, "
+        "`wattplan bench solve --json` (layout optimizer), `wattplan bench clock-loop --json`, "
+        "`wattplan bench sim --json`",
+    )
+    sub.add_parser(
+        "profiles",
+        help="`wattplan profiles calibrate`: fit the profile model to the bundled data and "
+        "rebuild data/profiles/v1.csv (`wattplan profiles calibrate --help`)",
+    )
+    sub.add_parser(
+        "profile",
+        help="measure an OpenAI-compatible streaming endpoint into profile rows "
+        "(`wattplan profile --endpoint URL --model NAME --gpus 0,1 --out FILE`; --help)",
+    )
+    sub.add_parser(
+        "backtest",
+        help="replay a workload in the cluster simulator under each policy "
+        "(`wattplan backtest --workload servegen --policies all --json`)",
+    )
     return parser
 
 
@@ -305,10 +447,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from wattplan.bench import main as bench_main
 
         return int(bench_main(argv[1:]) or 0)
+    if argv and argv[0] == "backtest":
+        from simulator.backtest import main as backtest_main
+
+        return int(backtest_main(argv[1:]) or 0)
     if argv and argv[0] == "profiles":
         from profiles.calibrate import main as calibrate_main
 
-        return int(calibrate_main(argv[1:]) or 0)
+        rest = argv[1:]
+        if rest and rest[0] == "calibrate":  # the bare form is kept as an alias
+            rest = rest[1:]
+        return int(calibrate_main(rest) or 0)
+    if argv and argv[0] == "profile":
+        from profiles.profiler import main as profile_main
+
+        return int(profile_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "ingest" and args.source == "requests" and not (args.start and args.end):

@@ -1,9 +1,12 @@
 """The thin closed loop, end to end, through the real Airflow DAGs (``dag.test()``).
 
 Starts the embedded database (unless one is configured), migrates, loads reference data,
-ingests the bundled Azure 2023 traces interval by interval, plans two windows (forecast ->
-Pyomo/HiGHS -> store -> auto-approve -> push over HTTP to a reference cluster agent on
-loopback -> verify -> record), and prints a report.
+ingests the bundled Azure 2023 traces interval by interval up to the first planning window,
+then plans two windows (forecast -> Pyomo/HiGHS -> store -> approve -> push over HTTP to a
+reference cluster agent on loopback -> verify -> record), each followed by the ingest of its
+window, which loads the request logs and the GPU telemetry the simulated agent wrote for the
+applied layout; refreshes the report views and renders their plots
+(report_daily); and prints a report and where the plots are.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from wattplan import db
@@ -82,7 +85,7 @@ def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
     """Run the demo; return the process exit code."""
     from wattplan.timefmt import floor_to
 
-    progress = Progress(total=8)
+    progress = Progress(total=9)
     settings = replace(settings, auto_approve=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     logs = settings.state_dir / "logs"
@@ -109,10 +112,17 @@ def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
 
     progress.start("starting the reference cluster agent on loopback")
     from agent.server import run_in_thread
+    from agent.twin import TwinTelemetry
 
     token = secrets.token_urlsafe(16)
+    # The simulated agent writes the GPU samples of each applied plan's window into the
+    # spool folder the ingest DAG reads: the loop closes without GPUs.
+    twin = TwinTelemetry(settings.gpu_spool_dir, settings.cluster, window_s=settings.window_s)
     base_url, stop_agent = run_in_thread(
-        cluster=settings.cluster, token=token, gpu_capacity=settings.gpu_inventory
+        cluster=settings.cluster,
+        token=token,
+        gpu_capacity=settings.gpu_inventory,
+        telemetry=twin,
     )
     env["AIRFLOW_CONN_" + settings.cluster_conn_id.upper()] = cluster_connection(base_url, token)
     os.environ.update(env)  # Airflow reads its configuration when first imported, below
@@ -134,32 +144,52 @@ def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
         first, last = trace_span(settings)
         start = floor_to(first, settings.ingest_window_s)
         end = floor_to(last, settings.ingest_window_s) + timedelta(seconds=settings.ingest_window_s)
-        n = int((end - start).total_seconds()) // settings.ingest_window_s
-        progress.start(
-            f"telemetry_ingest: {n} runs of {settings.ingest_window_s} s, "
-            f"{start:%H:%M}-{end:%H:%M} UTC"
-        )
-        ingest = bag.get_dag("telemetry_ingest")
-        moment = start
-        while moment < end:
-            _run(ingest, moment + timedelta(seconds=settings.ingest_window_s))
-            moment += timedelta(seconds=settings.ingest_window_s)
-            print(f"      ingested up to {moment:%H:%M}", flush=True)
-        progress.done()
-
         plan_dag = bag.get_dag("plan_cluster")
+        ingest = bag.get_dag("telemetry_ingest")
         window = timedelta(seconds=settings.window_s)
+        step = timedelta(seconds=settings.ingest_window_s)
         first_plan = floor_to(first, settings.window_s) + window
         plan_starts = [first_plan + k * window for k in range(2) if first_plan + k * window < end]
+        moment = start
+
+        def ingest_until(until: datetime) -> None:
+            nonlocal moment
+            while moment < until:
+                _run(ingest, moment + step)
+                moment += step
+                print(f"      ingested up to {moment:%H:%M}", flush=True)
+
         progress.start(
-            f"plan_cluster: {len(plan_starts)} windows (forecast, MILP, approve, push, verify)"
+            f"telemetry_ingest: {settings.ingest_window_s} s runs, {start:%H:%M}-"
+            f"{first_plan:%H:%M} UTC"
+        )
+        ingest_until(first_plan)
+        progress.done()
+
+        progress.start(
+            f"closed loop: plan_cluster for {len(plan_starts)} windows (forecast, MILP, approve, "
+            "push, verify), each followed by telemetry_ingest of its window (request logs and "
+            "the agent's GPU telemetry)"
         )
         for window_start in plan_starts:
-            _run(plan_dag, window_start)
+            # The demo plays the operator: a plan the policy leaves to a person (a degraded
+            # plan, a large change) is approved by marking the approval task done, which is
+            # recorded as decided by airflow:marked-success.
+            _run(plan_dag, window_start, mark_success_pattern="approve_plan")
             print(
                 f"      planned window {window_start:%H:%M}-{window_start + window:%H:%M}",
                 flush=True,
             )
+            ingest_until(min(window_start + window, end))
+        progress.done()
+
+        report_day = (end - timedelta(microseconds=1)).date()  # UTC day the trace ends in
+        progress.start(f"report_daily: refresh the report views, plot {report_day}")
+        _run(
+            bag.get_dag("report_daily"),
+            datetime(report_day.year, report_day.month, report_day.day, tzinfo=UTC)
+            + timedelta(days=1),
+        )
         progress.done()
 
         progress.start("report")
@@ -171,11 +201,11 @@ def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
     return 0
 
 
-def _run(dag, run_after: datetime) -> None:  # type: ignore[no-untyped-def]
+def _run(dag, run_after: datetime, **kwargs) -> None:  # type: ignore[no-untyped-def]
     """One ``dag.test()`` run whose data interval ends at ``run_after``; raise if it failed."""
     from airflow.utils.state import DagRunState
 
-    dag_run = dag.test(logical_date=run_after)
+    dag_run = dag.test(logical_date=run_after, **kwargs)
     if dag_run.state != DagRunState.SUCCESS:
         raise WattplanError(f"DAG {dag.dag_id} run at {run_after} ended {dag_run.state}")
 
@@ -184,7 +214,7 @@ def _print_reports(settings: Settings, url: str, agent_url: str, token: str) -> 
     import httpx
     import sqlalchemy as sa
 
-    from wattplan import report
+    from wattplan import report, store
 
     with db.connect(url) as engine, engine.connect() as conn:
         plan_ids = list(
@@ -195,16 +225,48 @@ def _print_reports(settings: Settings, url: str, agent_url: str, token: str) -> 
         )
         for plan_id in plan_ids:
             data = report.plan_report(conn, plan_id)
-            json_path, md_path = report.write_report(data, settings.state_dir / "reports")
+            json_path, md_path = report.write_report(data, settings.reports_dir)
+            decided = [f"{d} by {who}" for _, who, d, _ in store.read_approvals(conn, plan_id)]
             print(
-                f"      {plan_id} [{data['status']}]: {data['gpus']} GPUs in {data['instances']} "
+                f"      {plan_id} [{data['status']}; {', '.join(decided) or 'undecided'}]: "
+                f"{data['gpus']} GPUs in {data['instances']} "
                 f"instances, predicted {data['predicted_energy_kwh']} kWh, "
                 f"{data['predicted_carbon_kg']} kg CO2eq, ${data['predicted_cost_usd']} for the "
                 f"window; SLO attainment estimate {data['slo_attainment_estimate']} over "
                 f"{data['actual_requests']} requests"
             )
+        for plan_id in plan_ids:
+            samples, energy_j = conn.execute(
+                sa.text(
+                    "SELECT count(*), (SELECT coalesce(sum(w.energy_j), 0) FROM instance_windows w"
+                    " WHERE w.window_start_at >= p.window_start_at AND w.window_start_at <"
+                    " p.window_start_at + make_interval(secs => p.window_s)) FROM gpu_telemetry t"
+                    " JOIN plans p ON p.plan_id = :p WHERE t.sampled_at >= p.window_start_at"
+                    " AND t.sampled_at < p.window_start_at + make_interval(secs => p.window_s)"
+                    " GROUP BY p.window_start_at, p.window_s"
+                ),
+                {"p": plan_id},
+            ).one_or_none() or (0, 0.0)
+            print(
+                f"      {plan_id}: {samples} GPU samples from the agent's twin loaded, "
+                f"{float(energy_j) / 3.6e6:.3f} kWh in instance_windows"
+            )
         layout = httpx.get(
             f"{agent_url}/v1/layout", headers={"Authorization": f"Bearer {token}"}, timeout=5
         ).json()
         print(f"      cluster agent now runs plan {layout['plan_id']} on {layout['gpus']} GPUs")
-        print(f"      report files: {settings.state_dir / 'reports'}")
+        print(f"      report files: {settings.reports_dir}")
+    _print_plots(settings)
+
+
+def _print_plots(settings: Settings) -> None:
+    """Where the report_daily run left its plots and page."""
+    from wattplan import reporting
+
+    folder = reporting.latest_daily_folder(settings)
+    if folder is None:
+        print("      no report plots were rendered")
+        return
+    for path in sorted(folder.glob("*.png")):
+        print(f"      plot: {path}")
+    print(f"      report page (open in a browser): {folder / 'index.html'}")

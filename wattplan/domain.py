@@ -17,6 +17,10 @@ from wattplan.errors import PlanInputError
 #: DynamoLLM's nine request types: input class then output class, S/M/L each.
 REQUEST_TYPES: tuple[str, ...] = ("SS", "SM", "SL", "MS", "MM", "ML", "LS", "LM", "LL")
 
+#: Optional long-context class (Mnemosyne): served by TP x SPP x KVP gangs; kept out of
+#: ``REQUEST_TYPES`` so code over the nine DynamoLLM types is unaffected.
+LONG_CONTEXT_TYPE = "LC"
+
 
 @dataclass(frozen=True)
 class RequestTypeBins:
@@ -97,7 +101,9 @@ class LoadForecast:
 class ServingConfig:
     """One way to run an instance: model on a GPU type, TP degree, clock and power cap.
 
-    ``clock_mhz`` is ``None`` when the clock is not locked (the driver picks it under the cap).
+    ``clock_mhz`` is the locked SM clock, ``None`` when the clock is not locked (the driver
+    picks it under the cap). ``spp`` and ``kvp`` are the sequence-pipeline and KV-cache
+    parallel degrees of a long-context gang (Mnemosyne); 1 for ordinary instances.
     """
 
     model: str
@@ -105,38 +111,82 @@ class ServingConfig:
     tp: int
     power_cap_w: int
     clock_mhz: int | None = None
+    spp: int = 1  # sequence-pipeline-parallel degree (long-context gangs, Mnemosyne)
+    kvp: int = 1  # KV-parallel degree (long-context gangs)
+
+    @property
+    def gpus(self) -> int:
+        """GPUs one instance holds: tp x spp x kvp."""
+        return self.tp * self.spp * self.kvp
 
     @property
     def key(self) -> str:
         """Short stable name, e.g. ``llama2-70b/H100-80GB/tp4/cap490``."""
         clock = f"/{self.clock_mhz}mhz" if self.clock_mhz else ""
-        return f"{self.model}/{self.gpu_type}/tp{self.tp}/cap{self.power_cap_w}{clock}"
+        gang = f"/spp{self.spp}kvp{self.kvp}" if self.spp > 1 or self.kvp > 1 else ""
+        return f"{self.model}/{self.gpu_type}/tp{self.tp}{gang}/cap{self.power_cap_w}{clock}"
 
 
 @dataclass(frozen=True)
 class Profile:
     """Energy-performance profile of one serving config for one request type.
 
-    Power is piecewise linear in load between ``(0, idle_power_w)`` and
-    ``(capacity_rps, power_at_capacity_w)``; both are per instance (all its GPUs).
+    ``power_curve`` is instance power (all its GPUs) against request rate, piecewise linear
+    between its points: ``(rate_rps, watts)`` with rates strictly increasing, the first at
+    rate 0.0 (loaded idle) and the last at ``capacity_rps``. Latencies are at capacity.
+
+    Raises:
+        ValueError: the power curve breaks these rules (the message names the profile).
     """
 
     config: ServingConfig
     request_type: str
-    capacity_rps: float
-    idle_power_w: float
-    power_at_capacity_w: float
-    ttft_p99_s: float
-    tbt_p99_s: float
+    capacity_rps: float  # highest rate whose P99 TTFT and TBT stay within the SLOs
+    power_curve: tuple[tuple[float, float], ...]  # (rate_rps, instance watts, all its GPUs)
+    ttft_p99_s: float  # at capacity
+    tbt_p99_s: float  # at capacity
     ttft_slo_s: float
     tbt_slo_s: float
     version: str
     source: str
+    ttft_p50_s: float | None = None
+    tbt_p50_s: float | None = None
+
+    def __post_init__(self) -> None:
+        name = f"profile {self.config.key} {self.request_type} ({self.version})"
+        curve = self.power_curve
+        if len(curve) < 2:
+            raise ValueError(f"{name}: power_curve needs at least 2 points, got {len(curve)}")
+        if curve[0][0] != 0.0:
+            raise ValueError(f"{name}: power_curve must start at rate 0.0, got {curve[0][0]}")
+        if any(b[0] <= a[0] for a, b in zip(curve, curve[1:], strict=False)):
+            raise ValueError(f"{name}: power_curve rates must be strictly increasing")
+        if curve[-1][0] != self.capacity_rps:
+            raise ValueError(
+                f"{name}: power_curve must end at capacity_rps={self.capacity_rps}, "
+                f"got {curve[-1][0]}"
+            )
+        if any(not watts >= 0 for _, watts in curve):
+            raise ValueError(f"{name}: power_curve watts must be >= 0")
+
+    @property
+    def idle_power_w(self) -> float:
+        """Loaded-idle instance power (W): the curve at rate 0."""
+        return self.power_curve[0][1]
+
+    @property
+    def power_at_capacity_w(self) -> float:
+        """Instance power (W) at ``capacity_rps``."""
+        return self.power_curve[-1][1]
 
     def power_w(self, rate_rps: float) -> float:
-        """Instance power at a request rate within ``[0, capacity_rps]``."""
-        share = min(max(rate_rps / self.capacity_rps, 0.0), 1.0)
-        return self.idle_power_w + share * (self.power_at_capacity_w - self.idle_power_w)
+        """Instance power at a request rate, interpolated on the curve within
+        ``[0, capacity_rps]`` (clamped outside it)."""
+        rate = min(max(rate_rps, 0.0), self.capacity_rps)
+        rates = [r for r, _ in self.power_curve]
+        i = min(max(bisect.bisect_right(rates, rate), 1), len(rates) - 1)
+        (r0, w0), (r1, w1) = self.power_curve[i - 1], self.power_curve[i]
+        return w0 + (rate - r0) / (r1 - r0) * (w1 - w0)
 
     @property
     def energy_per_request_j(self) -> float:
@@ -157,7 +207,7 @@ class LayoutItem:
     @property
     def gpus(self) -> int:
         """GPUs this item holds."""
-        return self.instances * self.config.tp
+        return self.instances * self.config.gpus
 
 
 @dataclass(frozen=True)
@@ -192,6 +242,8 @@ class PlanPrediction:
     min_slo_headroom: float
     instances_started: int = 0
     instances_stopped: int = 0
+    instances_resharded: int = 0
+    clock_changes: int = 0
 
 
 @dataclass(frozen=True)
@@ -205,6 +257,9 @@ class Plan:
     layout: Layout
     prediction: PlanPrediction
     solver: dict[str, object] = field(default_factory=dict)
+    degraded: bool = False  # demand exceeded capacity: carries the most it can; never auto-approved
+    policy: dict[str, object] = field(default_factory=dict)  # clock policy, power guard, placement
+    diff: dict[str, object] = field(default_factory=dict)  # changes against the applied layout
 
 
 def digest(payload: object) -> str:

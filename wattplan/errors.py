@@ -29,6 +29,18 @@ class InfeasiblePlanError(WattplanError, RuntimeError):
     """No layout satisfies demand, SLO and inventory; the last applied plan stays."""
 
 
+class CapacityShortfallError(InfeasiblePlanError):
+    """Demand exceeds what the inventory, power budgets or change cap can carry.
+
+    ``degraded`` holds the best degraded plan the optimizer found (the most load carried,
+    marked degraded, never auto-approved), or ``None`` when none was found in time.
+    """
+
+    def __init__(self, message: str, degraded: object | None = None) -> None:
+        super().__init__(message)
+        self.degraded = degraded
+
+
 class SolverError(WattplanError, RuntimeError):
     """The solver stopped without a usable solution (time limit with no incumbent, error)."""
 

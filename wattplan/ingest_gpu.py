@@ -53,8 +53,7 @@ from sqlalchemy.engine import Connection
 from telemetry.gpu import (
     COPY_COLUMNS,
     DEFAULT_MAX_GAP_S,
-    PART_SUFFIX,
-    SPOOL_SUFFIX,
+    TELEMETRY_SUFFIXES,
     GpuColumns,
     GpuScan,
     InstanceWindow,
@@ -62,7 +61,7 @@ from telemetry.gpu import (
     aggregate_columns,
     parse_spool_file_name,
     read_gpu_file,
-    scan_gpu_bytes,
+    scan_file_bytes,
 )
 from wattplan import store
 from wattplan.bulk import IngestResult, copy_rows, upsert_rejected_rows
@@ -100,12 +99,13 @@ _SWITCH_INTERVAL_S = 0.001
 def list_complete_files(
     spool_dir: Path, start: datetime | None = None, end: datetime | None = None
 ) -> list[Path]:
-    """Closed spool files (``*.jsonl``; never the ``*.jsonl.part`` being written), sorted.
+    """Closed telemetry files (``*.tsv`` spool files and ``*.jsonl`` files; never a
+    ``*.part`` file being written), sorted.
 
     With ``start`` and ``end``, only the files that can hold samples of ``[start, end)``
     (or the reading just before ``start``): per node, a file named for its first sample
     covers the time until the next file's first sample. Files whose name does not follow
-    ``gpu-<node>-<time>.jsonl`` are always listed.
+    ``gpu-<node>-<time>.tsv`` (or ``.jsonl``) are always listed.
 
     Raises:
         InputDataError: the spool folder does not exist or is not a folder.
@@ -116,9 +116,7 @@ def list_complete_files(
             "collector's --spool-dir"
         )
     files = sorted(
-        p
-        for p in spool_dir.iterdir()
-        if p.name.endswith(SPOOL_SUFFIX) and not p.name.endswith(PART_SUFFIX) and p.is_file()
+        p for p in spool_dir.iterdir() if p.name.endswith(TELEMETRY_SUFFIXES) and p.is_file()
     )
     if start is None or end is None:
         return files
@@ -270,7 +268,7 @@ def load_with_report(
                     unattached.discard(day)
             first_row = scan.rows_loaded
             tick = time.perf_counter()
-            scan_gpu_bytes(
+            scan_file_bytes(
                 read_gpu_file(path),
                 path.name,
                 start_s=start_s,
@@ -285,9 +283,10 @@ def load_with_report(
                 _replace_rows(pipe, start, end, new_uuids, new_nodes, loaded_uuids)
             loaded_uuids |= new_uuids
             loaded_nodes |= new_nodes
-            for day_text, lines in sorted(scan.copy_by_day.items()):
+            for day_text, chunks in sorted(scan.copy_by_day.items()):
                 table = f"{PARTITION_PREFIX}{day_text}"
-                pipe.copy(table, "".join(lines).encode())
+                for chunk in chunks:
+                    pipe.copy(table, chunk)
             scan.copy_by_day.clear()
             if progress:
                 log.info(

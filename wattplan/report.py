@@ -18,8 +18,10 @@ def plan_report(conn: Connection, plan_id: str) -> dict[str, Any]:
 
     The estimate replays the requests logged in the plan's window minute by minute: a request
     counts as within SLO when its pool's arrival rate in that minute stayed within the pool's
-    planned SLO capacity (instances x profile capacity). It says nothing about requests of a
-    pool the plan gave no instances: those count as missed.
+    planned SLO capacity (instances x profile capacity), moved by the load the plan spills
+    from smaller to larger pools (``policy["spill"]``: the sending pool is credited with it,
+    the receiving pool keeps the rest for its own type). Requests of a pool the plan neither
+    serves nor spills count as missed.
     """
     plan, status = store.read_plan(conn, plan_id)
     end = plan.window_start + timedelta(seconds=plan.window_s)
@@ -36,6 +38,13 @@ def plan_report(conn: Connection, plan_id: str) -> dict[str, Any]:
             {"p": plan_id, "v": plan.solver.get("profile_version", "v0")},
         )
     }
+    spills: list[dict[str, Any]] = list(plan.policy.get("spill", []))  # type: ignore[call-overload]
+    for spill in spills:
+        rps = float(spill["rps"])
+        origin = (spill["service"], spill["from"])
+        target = (spill["service"], spill["to"])
+        capacity[origin] = capacity.get(origin, 0.0) + rps
+        capacity[target] = capacity.get(target, 0.0) - rps
     minutes = conn.execute(
         sa.text(
             "SELECT service, request_type, date_trunc('minute', arrived_at) AS minute,"

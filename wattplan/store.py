@@ -9,12 +9,18 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.engine import Connection
 
+from forecasting.models import FittedModel
+from forecasting.planning import ForecastRecord
+from forecasting.selection import CandidateState, SeriesState
+from forecasting.series import step_of, step_start
+from profiles.table import LoadPoint, ProfileRecord
 from telemetry.reference import GpuPrice, HourlyValue
 from wattplan.bulk import IngestResult
 from wattplan.domain import (
@@ -32,7 +38,7 @@ from wattplan.domain import (
 
 def _table(name: str, *columns: str) -> sa.TableClause:
     # Columns named here as jsonb bind Python dicts/lists as JSON documents.
-    json_columns = {"solver", "layout"}
+    json_columns = {"solver", "layout", "power_curve", "load_points", "policy", "diff"}
     return sa.table(
         name, *(sa.column(c, JSONB) if c in json_columns else sa.column(c) for c in columns)
     )
@@ -75,6 +81,17 @@ PROFILES = _table(
     "ttft_slo_s",
     "tbt_slo_s",
     "source",
+    "spp",
+    "kvp",
+    "power_curve",
+    "load_points",
+    "ttft_p50_s",
+    "tbt_p50_s",
+    "energy_per_request_j",
+    "method",
+)
+PROFILE_VERSIONS = _table(
+    "profile_versions", "version", "description", "source_file", "source_sha256", "row_count"
 )
 CARBON = _table(
     "grid_carbon_intensities",
@@ -174,43 +191,107 @@ def read_forecasts(
 # --- profiles -------------------------------------------------------------------------------
 
 
-def write_profiles(conn: Connection, profiles: Iterable[Profile]) -> int:
-    """Upsert profiles keyed by (version, config key, request type)."""
-    rows = [
-        {
-            "version": p.version,
-            "config_key": p.config.key,
-            "request_type": p.request_type,
-            "model": p.config.model,
-            "gpu_type": p.config.gpu_type,
-            "tp": p.config.tp,
-            "power_cap_w": p.config.power_cap_w,
-            "clock_mhz": p.config.clock_mhz,
-            "capacity_rps": p.capacity_rps,
-            "idle_power_w": p.idle_power_w,
-            "power_at_capacity_w": p.power_at_capacity_w,
-            "ttft_p99_s": p.ttft_p99_s,
-            "tbt_p99_s": p.tbt_p99_s,
-            "ttft_slo_s": p.ttft_slo_s,
-            "tbt_slo_s": p.tbt_slo_s,
-            "source": p.source,
-        }
-        for p in profiles
-    ]
+def _profile_row(profile: Profile, points: Sequence[LoadPoint] | None, method: str) -> dict:
+    config = profile.config
+    return {
+        "version": profile.version,
+        "config_key": config.key,
+        "request_type": profile.request_type,
+        "model": config.model,
+        "gpu_type": config.gpu_type,
+        "tp": config.tp,
+        "spp": config.spp,
+        "kvp": config.kvp,
+        "power_cap_w": config.power_cap_w,
+        "clock_mhz": config.clock_mhz,
+        "capacity_rps": profile.capacity_rps,
+        "idle_power_w": profile.idle_power_w,
+        "power_at_capacity_w": profile.power_at_capacity_w,
+        "power_curve": [list(point) for point in profile.power_curve],
+        "load_points": None if points is None else [asdict(point) for point in points],
+        "ttft_p99_s": profile.ttft_p99_s,
+        "tbt_p99_s": profile.tbt_p99_s,
+        "ttft_p50_s": profile.ttft_p50_s,
+        "tbt_p50_s": profile.tbt_p50_s,
+        "ttft_slo_s": profile.ttft_slo_s,
+        "tbt_slo_s": profile.tbt_slo_s,
+        "energy_per_request_j": profile.energy_per_request_j,
+        "method": method,
+        "source": profile.source,
+    }
+
+
+def write_profiles(conn: Connection, profiles: Iterable[Profile], method: str = "manual") -> int:
+    """Upsert bare profiles (no per-load latencies) keyed by (version, config key, type)."""
+    rows = [_profile_row(p, None, method) for p in profiles]
     return _upsert(conn, PROFILES, rows, ("version", "config_key", "request_type"))
+
+
+def write_profile_records(conn: Connection, records: Iterable[ProfileRecord]) -> int:
+    """Upsert profile records (with their load points and method) keyed by (version, config
+    key, request type)."""
+    rows = [_profile_row(r.profile, r.points, r.method) for r in records]
+    return _upsert(conn, PROFILES, rows, ("version", "config_key", "request_type"))
+
+
+def write_profile_version(
+    conn: Connection,
+    version: str,
+    description: str,
+    source_file: str,
+    source_sha256: str,
+    row_count: int,
+) -> int:
+    """Upsert the description of one profile version (where its rows came from)."""
+    row = {
+        "version": version,
+        "description": description,
+        "source_file": source_file,
+        "source_sha256": source_sha256,
+        "row_count": row_count,
+    }
+    return _upsert(conn, PROFILE_VERSIONS, [row], ("version",))
+
+
+def _curve(value: object, idle_w: float, capacity_rps: float, full_w: float) -> tuple:
+    """The stored power curve, or the two-point line of a row written without one."""
+    if not value:
+        return ((0.0, idle_w), (capacity_rps, full_w))
+    return tuple((float(r), float(w)) for r, w in value)  # type: ignore[attr-defined]
 
 
 def read_profiles(conn: Connection, version: str) -> list[Profile]:
     """All profiles of one version."""
     result = conn.execute(
         sa.text(
-            "SELECT model, gpu_type, tp, power_cap_w, clock_mhz, request_type, capacity_rps,"
-            " idle_power_w, power_at_capacity_w, ttft_p99_s, tbt_p99_s, ttft_slo_s, tbt_slo_s,"
-            " version, source FROM profiles WHERE version = :v ORDER BY config_key, request_type"
+            "SELECT model, gpu_type, tp, power_cap_w, clock_mhz, spp, kvp, request_type,"
+            " capacity_rps, idle_power_w, power_at_capacity_w, power_curve, ttft_p99_s,"
+            " tbt_p99_s, ttft_slo_s, tbt_slo_s, version, source, ttft_p50_s, tbt_p50_s"
+            " FROM profiles WHERE version = :v ORDER BY config_key, request_type"
         ),
         {"v": version},
     )
-    return [Profile(ServingConfig(r[0], r[1], r[2], r[3], r[4]), *r[5:]) for r in result.all()]
+    return [
+        Profile(
+            config=ServingConfig(
+                r.model, r.gpu_type, r.tp, r.power_cap_w, r.clock_mhz, r.spp, r.kvp
+            ),
+            request_type=r.request_type,
+            capacity_rps=r.capacity_rps,
+            power_curve=_curve(
+                r.power_curve, r.idle_power_w, r.capacity_rps, r.power_at_capacity_w
+            ),
+            ttft_p99_s=r.ttft_p99_s,
+            tbt_p99_s=r.tbt_p99_s,
+            ttft_slo_s=r.ttft_slo_s,
+            tbt_slo_s=r.tbt_slo_s,
+            version=r.version,
+            source=r.source,
+            ttft_p50_s=r.ttft_p50_s,
+            tbt_p50_s=r.tbt_p50_s,
+        )
+        for r in result.all()
+    ]
 
 
 # --- carbon and prices ----------------------------------------------------------------------
@@ -319,6 +400,11 @@ def write_plan(conn: Connection, plan: Plan, created_at: datetime) -> bool:
                 "instances_started",
                 "instances_stopped",
                 "solver",
+                "degraded",
+                "policy",
+                "diff",
+                "instances_resharded",
+                "clock_changes",
             )
         )
         .values(
@@ -338,6 +424,11 @@ def write_plan(conn: Connection, plan: Plan, created_at: datetime) -> bool:
             instances_started=p.instances_started,
             instances_stopped=p.instances_stopped,
             solver=_json_safe(plan.solver),
+            degraded=plan.degraded,
+            policy=_json_safe(plan.policy),
+            diff=_json_safe(plan.diff),
+            instances_resharded=p.instances_resharded,
+            clock_changes=p.clock_changes,
         )
         .on_conflict_do_nothing(index_elements=["plan_id"])
         .returning(sa.column("plan_id"))
@@ -353,6 +444,8 @@ def write_plan(conn: Connection, plan: Plan, created_at: datetime) -> bool:
             "model": i.config.model,
             "gpu_type": i.config.gpu_type,
             "tp": i.config.tp,
+            "spp": i.config.spp,
+            "kvp": i.config.kvp,
             "power_cap_w": i.config.power_cap_w,
             "clock_mhz": i.config.clock_mhz,
             "instances": i.instances,
@@ -364,9 +457,9 @@ def write_plan(conn: Connection, plan: Plan, created_at: datetime) -> bool:
         conn.execute(
             sa.text(
                 "INSERT INTO plan_items (plan_id, service, request_type, config_key, model,"
-                " gpu_type, tp, power_cap_w, clock_mhz, instances, load_rps) VALUES (:plan_id,"
-                " :service, :request_type, :config_key, :model, :gpu_type, :tp, :power_cap_w,"
-                " :clock_mhz, :instances, :load_rps)"
+                " gpu_type, tp, spp, kvp, power_cap_w, clock_mhz, instances, load_rps) VALUES"
+                " (:plan_id, :service, :request_type, :config_key, :model, :gpu_type, :tp, :spp,"
+                " :kvp, :power_cap_w, :clock_mhz, :instances, :load_rps)"
             ),
             rows,
         )
@@ -379,7 +472,8 @@ def read_plan(conn: Connection, plan_id: str) -> tuple[Plan, PlanStatus]:
         sa.text(
             "SELECT cluster, window_start_at, window_s, status, predicted_energy_kwh,"
             " predicted_carbon_g, predicted_cost_usd, gpus, peak_power_w, min_slo_headroom,"
-            " instances_started, instances_stopped, solver FROM plans WHERE plan_id = :p"
+            " instances_started, instances_stopped, instances_resharded, clock_changes, solver,"
+            " degraded, policy, diff FROM plans WHERE plan_id = :p"
         ),
         {"p": plan_id},
     ).one_or_none()
@@ -388,19 +482,32 @@ def read_plan(conn: Connection, plan_id: str) -> tuple[Plan, PlanStatus]:
     items = conn.execute(
         sa.text(
             "SELECT service, request_type, model, gpu_type, tp, power_cap_w, clock_mhz,"
-            " instances, load_rps FROM plan_items WHERE plan_id = :p"
+            " instances, load_rps, spp, kvp FROM plan_items WHERE plan_id = :p"
             " ORDER BY service, request_type, config_key"
         ),
         {"p": plan_id},
     ).all()
     layout = Layout(
         tuple(
-            LayoutItem(i[0], i[1], ServingConfig(i[2], i[3], i[4], i[5], i[6]), i[7], i[8])
+            LayoutItem(
+                i[0], i[1], ServingConfig(i[2], i[3], i[4], i[5], i[6], i[9], i[10]), i[7], i[8]
+            )
             for i in items
         )
     )
-    prediction = PlanPrediction(*row[4:12])
-    plan = Plan(plan_id, row[0], row[1], row[2], layout, prediction, dict(row[12]))
+    prediction = PlanPrediction(*row[4:14])
+    plan = Plan(
+        plan_id,
+        row[0],
+        row[1],
+        row[2],
+        layout,
+        prediction,
+        dict(row[14]),
+        degraded=bool(row[15]),
+        policy=dict(row[16]),
+        diff=dict(row[17]),
+    )
     return plan, PlanStatus(row[3])
 
 
@@ -436,6 +543,92 @@ def record_approval(
     )
 
 
+def lock_plan_status(conn: Connection, plan_id: str) -> PlanStatus:
+    """Lock a plan's row until the transaction ends and return its status.
+
+    Deciding, recording and pushing a plan all start here, so two runs of the same window
+    (or a person answering while a newer plan supersedes) take turns.
+
+    Raises:
+        KeyError: the plan does not exist.
+    """
+    status = conn.execute(
+        sa.text("SELECT status FROM plans WHERE plan_id = :p FOR UPDATE"), {"p": plan_id}
+    ).scalar_one_or_none()
+    if status is None:
+        raise KeyError(f"no plan {plan_id!r}")
+    return PlanStatus(status)
+
+
+def supersede_proposals(conn: Connection, newer: Plan, at: datetime) -> list[str]:
+    """Mark the cluster's unanswered plans for ``newer``'s window or earlier superseded.
+
+    Returns:
+        The ids of the plans marked, oldest window first.
+    """
+    rows = conn.execute(
+        sa.text(
+            "UPDATE plans SET status = 'superseded', status_changed_at = :at,"
+            " status_reason = :r WHERE cluster = :c AND status = 'proposed'"
+            " AND window_start_at <= :w AND plan_id <> :p"
+            " RETURNING window_start_at, plan_id"
+        ),
+        {
+            "at": at,
+            "r": f"superseded by the newer plan {newer.plan_id} while unanswered",
+            "c": newer.cluster,
+            "w": newer.window_start,
+            "p": newer.plan_id,
+        },
+    ).all()
+    return [plan_id for _, plan_id in sorted((row[0], row[1]) for row in rows)]
+
+
+def read_decided_plan_since(conn: Connection, plan: Plan) -> str | None:
+    """Another plan of ``plan``'s cluster, for its window or a later one, that was approved
+    or applied: if there is one, ``plan`` must not reach the cluster.
+    """
+    return conn.execute(
+        sa.text(
+            "SELECT plan_id FROM plans WHERE cluster = :c AND plan_id <> :p"
+            " AND window_start_at >= :w AND status IN ('approved', 'applied')"
+            " ORDER BY window_start_at DESC, plan_id LIMIT 1"
+        ),
+        {"c": plan.cluster, "p": plan.plan_id, "w": plan.window_start},
+    ).scalar_one_or_none()
+
+
+def read_approvals(conn: Connection, plan_id: str) -> list[tuple[datetime, str, str, str]]:
+    """A plan's recorded decisions, oldest first: (decided_at, decided_by, decision, comment)."""
+    return [
+        (row[0], row[1], row[2], row[3] or "")
+        for row in conn.execute(
+            sa.text(
+                "SELECT decided_at, decided_by, decision, comment FROM plan_approvals"
+                " WHERE plan_id = :p ORDER BY decided_at, decided_by"
+            ),
+            {"p": plan_id},
+        ).tuples()
+    ]
+
+
+def read_plan_summaries(conn: Connection, limit: int = 100) -> list[dict[str, object]]:
+    """The newest plans (by window), each with its figures and decisions, for listings."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT p.plan_id, p.cluster, p.window_start_at, p.window_s, p.status,"
+            " p.status_reason, p.gpus, p.predicted_energy_kwh, p.predicted_carbon_g,"
+            " p.predicted_cost_usd, p.min_slo_headroom,"
+            " (SELECT string_agg(a.decision || ' by ' || a.decided_by, ', '"
+            "  ORDER BY a.decided_at) FROM plan_approvals a WHERE a.plan_id = p.plan_id)"
+            " AS decisions"
+            " FROM plans p ORDER BY p.window_start_at DESC, p.plan_id LIMIT :n"
+        ),
+        {"n": limit},
+    ).mappings()
+    return [dict(row) for row in rows]
+
+
 def write_applied_state(
     conn: Connection, cluster: str, observed_at: datetime, plan_id: str | None, layout: Layout
 ) -> None:
@@ -447,6 +640,8 @@ def write_applied_state(
             "model": i.config.model,
             "gpu_type": i.config.gpu_type,
             "tp": i.config.tp,
+            "spp": i.config.spp,
+            "kvp": i.config.kvp,
             "power_cap_w": i.config.power_cap_w,
             "clock_mhz": i.config.clock_mhz,
             "instances": i.instances,
@@ -496,7 +691,15 @@ def read_applied_layout(
         LayoutItem(
             i["service"],
             i["request_type"],
-            ServingConfig(i["model"], i["gpu_type"], i["tp"], i["power_cap_w"], i["clock_mhz"]),
+            ServingConfig(
+                i["model"],
+                i["gpu_type"],
+                i["tp"],
+                i["power_cap_w"],
+                i["clock_mhz"],
+                i.get("spp", 1),
+                i.get("kvp", 1),
+            ),
             i["instances"],
         )
         for i in row[1]
@@ -586,6 +789,219 @@ def record_ingest_run(
                 "rows_loaded": stmt.excluded.rows_loaded,
                 "rows_rejected": stmt.excluded.rows_rejected,
                 "files": stmt.excluded.files,
+            },
+        )
+    )
+
+
+# --- forecast models and detailed forecasts (migration 006) ---------------------------------
+
+
+def write_forecast_records(
+    conn: Connection, cluster: str, records: Iterable[ForecastRecord], made_at: datetime
+) -> int:
+    """Store forecasts with their intervals, model, backtest and fallback reason.
+
+    Each record replaces every forecast of its (pool, window) made at or before ``made_at``,
+    whatever its method, and is not stored when a newer one exists, so that a window holds
+    its newest forecast and a re-run leaves identical rows. Returns the records given.
+    """
+    rows = [
+        {
+            "cluster": cluster,
+            "service": r.forecast.service,
+            "request_type": r.forecast.request_type,
+            "window_start_at": r.forecast.window_start,
+            "window_s": r.forecast.window_s,
+            "method": r.forecast.method,
+            "made_at": made_at,
+            "mean_rate_rps": r.forecast.mean_rate_rps,
+            "peak_rate_rps": r.forecast.peak_rate_rps,
+            "planned_rate_rps": r.forecast.planned_rate_rps,
+            "quantile": r.forecast.quantile,
+            "horizon_steps": r.horizon_steps,
+            "mean_quantiles": json.dumps(_json_safe(dict(r.mean_quantiles))),
+            "peak_quantiles": json.dumps(_json_safe(dict(r.peak_quantiles))),
+            "model_spec": json.dumps(_json_safe(dict(r.model_spec))),
+            "backtest": json.dumps(_json_safe(dict(r.backtest))),
+            "calibration": r.calibration,
+            "fallback_reason": r.fallback_reason,
+        }
+        for r in records
+    ]
+    for row in rows:
+        conn.execute(
+            sa.text(
+                "DELETE FROM load_forecasts WHERE cluster = :cluster AND service = :service"
+                " AND request_type = :request_type AND window_start_at = :window_start_at"
+                " AND window_s = :window_s AND made_at <= :made_at"
+            ),
+            row,
+        )
+    if rows:
+        # Insert unless a newer forecast of the window is already stored.
+        conn.execute(
+            sa.text(
+                "INSERT INTO load_forecasts (cluster, service, request_type, window_start_at,"
+                " window_s, method, made_at, mean_rate_rps, peak_rate_rps, planned_rate_rps,"
+                " quantile, horizon_steps, mean_quantiles, peak_quantiles, model_spec, backtest,"
+                " calibration, fallback_reason) SELECT :cluster, :service, :request_type,"
+                " :window_start_at, :window_s, :method, :made_at, :mean_rate_rps, :peak_rate_rps,"
+                " :planned_rate_rps, :quantile, :horizon_steps, CAST(:mean_quantiles AS jsonb),"
+                " CAST(:peak_quantiles AS jsonb), CAST(:model_spec AS jsonb),"
+                " CAST(:backtest AS jsonb), :calibration, :fallback_reason"
+                " WHERE NOT EXISTS (SELECT 1 FROM load_forecasts WHERE cluster = :cluster"
+                " AND service = :service AND request_type = :request_type"
+                " AND window_start_at = :window_start_at AND window_s = :window_s"
+                " AND made_at > :made_at)"
+                " ON CONFLICT (cluster, service, request_type, window_start_at, window_s, method)"
+                " DO NOTHING"
+            ),
+            rows,
+        )
+    return len(rows)
+
+
+def read_forecast_details(
+    conn: Connection, cluster: str, window_start: datetime, window_s: int
+) -> list[dict[str, object]]:
+    """Every stored column of the newest forecast per pool for one window."""
+    result = conn.execute(
+        sa.text(
+            "SELECT DISTINCT ON (service, request_type) service, request_type, window_start_at,"
+            " window_s, method, made_at, mean_rate_rps, peak_rate_rps, planned_rate_rps,"
+            " quantile, horizon_steps, mean_quantiles, peak_quantiles, model_spec, backtest,"
+            " calibration, fallback_reason FROM load_forecasts"
+            " WHERE cluster = :c AND window_start_at = :ws AND window_s = :w"
+            " ORDER BY service, request_type, made_at DESC, method"
+        ),
+        {"c": cluster, "ws": window_start, "w": window_s},
+    )
+    return [dict(row._mapping) for row in result]
+
+
+def write_forecast_states(conn: Connection, cluster: str, states: Iterable[SeriesState]) -> int:
+    """Replace the stored candidates of each series with ``states`` (one row per candidate).
+
+    Returns rows written.
+    """
+    rows = []
+    for s in states:
+        conn.execute(
+            sa.text(
+                "DELETE FROM forecast_models WHERE cluster = :c AND service = :s"
+                " AND request_type = :t AND target = :g"
+            ),
+            {"c": cluster, "s": s.service, "t": s.request_type, "g": s.target},
+        )
+        last = 7 * 86400 // s.window_s
+        for c in s.candidates:
+            fitted = c.fitted
+            rows.append(
+                {
+                    "cluster": cluster,
+                    "service": s.service,
+                    "request_type": s.request_type,
+                    "target": s.target,
+                    "model": c.kind,
+                    "window_s": s.window_s,
+                    "refreshed_at": step_start(s.refreshed_step, s.window_s),
+                    "fitted": json.dumps(fitted.to_dict()) if fitted else None,
+                    "fit_error": c.error,
+                    "train_start_at": step_start(fitted.train_start_step, s.window_s)
+                    if fitted
+                    else None,
+                    "train_end_at": step_start(fitted.train_end_step, s.window_s)
+                    if fitted
+                    else None,
+                    "residuals": json.dumps(list(c.residuals)),
+                    "residuals_end_at": step_start(c.residuals_end_step, s.window_s),
+                    "level_shift": c.shift,
+                    "selected": c.kind == s.selected,
+                    "selection_reason": s.reason,
+                    "metrics": json.dumps(_json_safe(c.metrics(last))),
+                }
+            )
+    if rows:
+        conn.execute(
+            sa.text(
+                "INSERT INTO forecast_models (cluster, service, request_type, target, model,"
+                " window_s, refreshed_at, fitted, fit_error, train_start_at, train_end_at,"
+                " residuals, residuals_end_at, level_shift, selected, selection_reason, metrics)"
+                " VALUES (:cluster, :service, :request_type, :target, :model, :window_s,"
+                " :refreshed_at, CAST(:fitted AS jsonb), :fit_error, :train_start_at,"
+                " :train_end_at, CAST(:residuals AS jsonb), :residuals_end_at, :level_shift,"
+                " :selected, :selection_reason, CAST(:metrics AS jsonb))"
+            ),
+            rows,
+        )
+    return len(rows)
+
+
+def read_forecast_states(
+    conn: Connection, cluster: str, window_s: int
+) -> dict[tuple[str, str, str], SeriesState]:
+    """Stored series states of a cluster at one window length, by (service, type, target)."""
+    result = conn.execute(
+        sa.text(
+            "SELECT service, request_type, target, model, refreshed_at, fitted, fit_error,"
+            " residuals, residuals_end_at, level_shift, selected, selection_reason"
+            " FROM forecast_models WHERE cluster = :c AND window_s = :w"
+            " ORDER BY service, request_type, target, model"
+        ),
+        {"c": cluster, "w": window_s},
+    )
+    grouped: dict[tuple[str, str, str], list[sa.Row]] = {}
+    for row in result:
+        grouped.setdefault((row.service, row.request_type, row.target), []).append(row)
+    states = {}
+    for key, rows in grouped.items():
+        candidates = tuple(
+            CandidateState(
+                r.model,
+                FittedModel.from_dict(r.fitted) if r.fitted else None,
+                tuple(float(x) for x in r.residuals),
+                step_of(r.residuals_end_at, window_s),
+                r.fit_error,
+                float(r.level_shift),
+            )
+            for r in rows
+        )
+        selected = next((r.model for r in rows if r.selected), None)
+        states[key] = SeriesState(
+            key[0],
+            key[1],
+            key[2],
+            window_s,
+            step_of(rows[0].refreshed_at, window_s),
+            candidates,
+            selected,
+            rows[0].selection_reason or "",
+        )
+    return states
+
+
+# --- reports --------------------------------------------------------------------------------
+
+
+def write_cluster_site(
+    conn: Connection, cluster: str, zone: str, window_s: int, profile_version: str
+) -> None:
+    """Upsert the report settings of one cluster (``cluster_sites``).
+
+    The zone, telemetry window and profile version are overwritten; ``node_pattern`` (which
+    nodes are the cluster's, default all) is left as an operator set it.
+    """
+    stmt = insert(_table("cluster_sites", "cluster", "zone", "window_s", "profile_version")).values(
+        cluster=cluster, zone=zone, window_s=window_s, profile_version=profile_version
+    )
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["cluster"],
+            set_={
+                "zone": stmt.excluded.zone,
+                "window_s": stmt.excluded.window_s,
+                "profile_version": stmt.excluded.profile_version,
             },
         )
     )

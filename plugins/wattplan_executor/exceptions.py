@@ -1,8 +1,9 @@
 """Typed errors of the serving-cluster API and the one table that maps HTTP statuses to them.
 
-Transient errors (timeouts, connection errors, 429, 5xx) are raised as they are so that
-Airflow retries the task; permanent ones are turned into ``AirflowFailException`` by the
-operators so that the task fails at once.
+Transient errors (timeouts, connection errors, 408, 429, 5xx) are retried with backoff by
+the hook, then raised as they are so that Airflow retries the task; permanent ones are
+never retried and are turned into ``AirflowFailException`` by the operators so that the
+task fails at once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,13 @@ from wattplan.errors import ClusterError
 
 
 class ClusterTransientError(ClusterError, ConnectionError):
-    """The cluster could not answer now (timeout, connection error, 429, 5xx); retry later."""
+    """The cluster could not answer now (timeout, connection error, 429, 5xx); retry later.
+
+    Attributes:
+        retry_after_s: Seconds the cluster asked to wait (``Retry-After``), if it said.
+    """
+
+    retry_after_s: float | None = None
 
 
 class ClusterPermanentError(ClusterError):

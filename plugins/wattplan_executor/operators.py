@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def push_layout(hook: ServingClusterHook, plan_id: str, desired: Layout) -> dict[str, Any]:
+def push_layout(
+    hook: ServingClusterHook, plan_id: str, desired: Layout, version: int
+) -> dict[str, Any]:
     """Read what the cluster runs, diff it against ``desired`` and send only the difference.
 
     The plan id is the idempotency key, so a retried push cannot apply twice. An empty diff
@@ -36,6 +38,7 @@ def push_layout(hook: ServingClusterHook, plan_id: str, desired: Layout) -> dict
         hook: Hook of the target cluster.
         plan_id: Id of the approved plan.
         desired: The plan's layout.
+        version: The plan's version (``wattplan.jobs.plan_version``: its window start).
 
     Returns:
         ``{"plan_id", "changes": <changes sent>, "status": "applying" | "applied"}``.
@@ -49,7 +52,7 @@ def push_layout(hook: ServingClusterHook, plan_id: str, desired: Layout) -> dict
     if not changes:
         log.info("cluster already runs the layout of plan %s (as plan %s)", plan_id, base_plan_id)
         return {"plan_id": plan_id, "changes": 0, "status": "applied"}
-    status = hook.push_changes(plan_id, base_plan_id, changes)
+    status = hook.push_changes(plan_id, base_plan_id, changes, version)
     log.info(
         "plan %s: sent %d changes on top of plan %s: %s",
         plan_id,
@@ -75,6 +78,7 @@ class PushPlanOperator(BaseOperator):
         plan_id: Id of the plan (templated).
         desired: The layout, as :func:`~wattplan_executor.codec.layout_to_dict` gives it (a
             ``Layout`` is converted).
+        version: The plan's version; the cluster refuses versions not above its last.
         serving_cluster_conn_id: Airflow Connection id of the cluster.
         **kwargs: Passed to ``BaseOperator``.
 
@@ -88,19 +92,21 @@ class PushPlanOperator(BaseOperator):
         *,
         plan_id: str,
         desired: Layout | Mapping[str, Any],
+        version: int,
         serving_cluster_conn_id: str = ServingClusterHook.default_conn_name,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.plan_id = plan_id
         self.desired = _layout_arg(desired)
+        self.version = version
         self.serving_cluster_conn_id = serving_cluster_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
         """Push the layout; see the class docstring."""
         hook = ServingClusterHook(self.serving_cluster_conn_id)
         try:
-            return push_layout(hook, self.plan_id, layout_from_dict(self.desired))
+            return push_layout(hook, self.plan_id, layout_from_dict(self.desired), self.version)
         except (ClusterPermanentError, PlanInputError) as exc:
             raise AirflowFailException(f"plan {self.plan_id}: {exc}") from exc
 
@@ -142,7 +148,8 @@ class PlanAppliedSensor(BaseSensorOperator):
 
     def poke(self, context: Context) -> bool:
         """Return True once the plan is applied; see the class docstring."""
-        hook = ServingClusterHook(self.serving_cluster_conn_id)
+        # One try per poke: the sensor's own schedule is the retry.
+        hook = ServingClusterHook(self.serving_cluster_conn_id, max_attempts=1)
         try:
             status = hook.get_plan_status(self.plan_id)
         except ClusterNotFoundError as exc:

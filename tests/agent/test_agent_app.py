@@ -42,11 +42,25 @@ def item(service: str = "chat", request_type: str = "SS", **overrides: Any) -> d
     return {**base, **overrides}
 
 
+def version_of(plan_id: str) -> int:
+    """Plans ``p1``, ``p2``, ... carry versions 1, 2, ..."""
+    return int("".join(ch for ch in plan_id if ch.isdigit()) or 1)
+
+
 def post(
-    client: httpx.Client, plan_id: str, changes: list[dict[str, Any]], base: str | None = None
+    client: httpx.Client,
+    plan_id: str,
+    changes: list[dict[str, Any]],
+    base: str | None = None,
+    version: int | None = None,
 ) -> httpx.Response:
     return client.post(
-        f"/v1/plans/{plan_id}/changes", json={"base_plan_id": base, "changes": changes}
+        f"/v1/plans/{plan_id}/changes",
+        json={
+            "version": version_of(plan_id) if version is None else version,
+            "base_plan_id": base,
+            "changes": changes,
+        },
     )
 
 
@@ -96,7 +110,9 @@ def test_v1_routes_refuse_missing_or_wrong_token_with_401(
     with httpx.Client(base_url=client.base_url, headers=headers) as other:
         assert other.get("/v1/layout").status_code == 401
         assert other.get("/v1/plans/p1").status_code == 401
-        response = other.post("/v1/plans/p1/changes", json={"base_plan_id": None, "changes": []})
+        response = other.post(
+            "/v1/plans/p1/changes", json={"version": 1, "base_plan_id": None, "changes": []}
+        )
     assert response.status_code == 401
     assert response.headers["WWW-Authenticate"] == "Bearer"
     assert client.get("/v1/layout").json()["plan_id"] is None  # nothing was applied
@@ -167,22 +183,29 @@ def test_stale_base_plan_is_refused_with_409(client: httpx.Client) -> None:
     assert client.get("/v1/layout").json()["plan_id"] == "p1"
 
 
+V = {"version": 1, "base_plan_id": None}
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"base_plan_id": None, "changes": [item(instances=-1)]}, "changes[0].instances"),
-        ({"base_plan_id": None, "changes": [item(tp=3)]}, "changes[0].tp"),
-        ({"base_plan_id": None, "changes": [item(tp="4")]}, "changes[0].tp"),
-        ({"base_plan_id": None, "changes": [item(colour="red")]}, "changes[0].colour"),
+        ({**V, "changes": [item(instances=-1)]}, "changes[0].instances"),
+        ({**V, "changes": [item(tp=3)]}, "changes[0].tp"),
+        ({**V, "changes": [item(tp="4")]}, "changes[0].tp"),
+        ({**V, "changes": [item(colour="red")]}, "changes[0].colour"),
         (
-            {"base_plan_id": None, "changes": [{k: v for k, v in item().items() if k != "model"}]},
+            {**V, "changes": [{k: v for k, v in item().items() if k != "model"}]},
             "changes[0].model",
         ),
-        ({"base_plan_id": None, "changes": [item(), item()]}, "changes[1]"),
-        ({"changes": []}, "base_plan_id"),
-        ({"base_plan_id": None}, "changes"),
-        ({"base_plan_id": None, "changes": [], "force": True}, "force"),
-        ({"base_plan_id": None, "changes": {}}, "changes"),
+        ({**V, "changes": [item(), item()]}, "changes[1]"),
+        ({"version": 1, "changes": []}, "base_plan_id"),
+        ({"base_plan_id": None, "changes": []}, "version"),
+        ({"version": 0, "base_plan_id": None, "changes": []}, "version"),
+        ({"version": "7", "base_plan_id": None, "changes": []}, "version"),
+        ({"version": True, "base_plan_id": None, "changes": []}, "version"),
+        (V, "changes"),
+        ({**V, "changes": [], "force": True}, "force"),
+        ({**V, "changes": {}}, "changes"),
         ([], "body"),
     ],
 )
@@ -227,11 +250,13 @@ def test_status_goes_from_applying_to_applied_after_the_delay(start_agent: Any) 
     client, _ = start_agent(apply_delay_s=0.3)
     response = post(client, "p1", [item(instances=2)])
     assert response.json() == {"plan_id": "p1", "status": "applying"}
-    assert client.get("/v1/plans/p1").json() == {
-        "plan_id": "p1",
-        "status": "applying",
-        "applied_at": None,
-    }
+    body = client.get("/v1/plans/p1").json()
+    assert (body["plan_id"], body["version"], body["status"], body["applied_at"]) == (
+        "p1",
+        1,
+        "applying",
+        None,
+    )
     assert client.get("/v1/layout").json()["plan_id"] is None  # not applied yet
     assert wait_for_status(client, "p1", "applied")["status"] == "applied"
     assert client.get("/v1/layout").json()["gpus"] == 8
@@ -289,7 +314,7 @@ def test_plan_that_no_longer_fits_after_restart_fails(start_agent: Any, tmp_path
 def test_state_file_of_another_cluster_is_refused(tmp_path: Path) -> None:
     state_path = tmp_path / "agent-state.json"
     store = StateStore("east", 16, state_path)
-    store.submit("p1", {"base_plan_id": None, "changes": [item()]})
+    store.submit("p1", {"version": 1, "base_plan_id": None, "changes": [item()]})
     assert json.loads(state_path.read_text())["cluster"] == "east"
     with pytest.raises(StateFileError, match="belongs to cluster 'east'"):
         StateStore("west", 16, state_path)
@@ -306,7 +331,7 @@ def test_repeated_request_leaves_the_state_untouched() -> None:
     from datetime import UTC, datetime
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    request = ChangeRequest(base_plan_id=None, changes=(parse_item(item()),))
+    request = ChangeRequest(version=1, base_plan_id=None, changes=(parse_item(item()),))
     state, _, created = submit_plan(AgentState("c"), "p1", request, gpu_capacity=8, now=now)
     again, _, created_again = submit_plan(state, "p1", request, gpu_capacity=8, now=now)
     assert (created, created_again) == (True, False)
@@ -318,5 +343,90 @@ def test_main_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--host", "--port", "--cluster", "--token", "--gpu-capacity", "--state-path"):
+    for option in (
+        "--host",
+        "--port",
+        "--cluster",
+        "--token",
+        "--backend",
+        "--gpu-capacity",
+        "--max-unavailable",
+        "--state-path",
+        "--command-template",
+    ):
         assert option in out
+
+
+# --- versions, staggered waves, status, resume ------------------------------------------------
+
+
+def test_stale_version_is_refused_with_409_and_not_applied(client: httpx.Client) -> None:
+    assert post(client, "p5", [item(instances=1)]).status_code == 202
+    response = post(client, "p4", [item(instances=2)], base="p5")
+    assert response.status_code == 409
+    assert "version 4 is stale" in response.json()["detail"]
+    assert post(client, "p6", [item(instances=2)], base="p5", version=5).status_code == 409
+    layout = client.get("/v1/layout").json()
+    assert (layout["plan_id"], layout["gpus"]) == ("p5", 4)
+    assert client.get("/v1/plans/p4").status_code == 404
+
+
+def test_status_reports_desired_and_actual_while_applying(start_agent: Any) -> None:
+    client, _ = start_agent(apply_delay_s=0.5)
+    post(client, "p1", [item(instances=2)])
+    status = client.get("/v1/status").json()
+    assert status["applying"]["plan_id"] == "p1"
+    assert [s["kind"] for s in status["applying"]["in_flight"]] == ["start", "start"]
+    assert (status["desired"]["gpus"], status["actual"]["gpus"]) == (8, 0)
+    assert status["plan_version"] == 1
+    wait_for_status(client, "p1", "applied")
+    status = client.get("/v1/status").json()
+    assert status["applying"] is None
+    assert status["desired"] == status["actual"]
+    assert [(i["instance_id"], i["gpus"]) for i in status["instances"]] == [
+        ("i00001", [0, 1, 2, 3]),
+        ("i00002", [4, 5, 6, 7]),
+    ]
+
+
+def test_apply_is_staggered_one_instance_of_a_pool_at_a_time(start_agent: Any) -> None:
+    client, _ = start_agent(gpu_capacity=32)
+    post(client, "p1", [item(instances=3), item("code", instances=2)])
+    slow = {"power_cap_w": 400, "clock_mhz": 1410}
+    changes = [item(instances=0), item(instances=3, **slow), item("code", instances=0)]
+    changes.append(item("code", instances=2, **slow))
+    assert post(client, "p2", changes, base="p1").json()["status"] == "applied"
+    journal = client.get("/v1/journal", params={"plan_id": "p2"}).json()["entries"]
+    per_wave: dict[int, list[str]] = {}
+    for entry in journal:
+        per_wave.setdefault(entry["wave"], []).append(entry["service"])
+        assert entry["kind"] == "retune"
+    assert per_wave == {1: ["chat", "code"], 2: ["chat", "code"], 3: ["chat"]}
+    assert len({e["instance_id"] for e in journal}) == 5  # each instance retuned once
+
+
+def test_agent_restarted_mid_apply_resumes_to_the_desired_state(
+    start_agent: Any, tmp_path: Path
+) -> None:
+    state_path = tmp_path / "agent-state.json"
+    client, stop = start_agent(state_path=state_path, apply_delay_s=0.4)
+    post(client, "p1", [item(instances=3)])
+    wait_for_status(client, "p1", "applied")
+    slow = {"power_cap_w": 400, "clock_mhz": 1410}
+    post(client, "p2", [item(instances=0), item(instances=3, **slow)], base="p1")
+    deadline = time.monotonic() + 5
+    while client.get("/v1/plans/p2").json()["waves"] < 1:  # first retune done
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    stop()  # during the second wave
+    saved = json.loads(state_path.read_text())
+    assert saved["plans"][-1]["status"] == "applying"
+    assert len(saved["in_flight"]) == 1  # the interrupted wave is announced, not lost
+
+    client, _ = start_agent(state_path=state_path, apply_delay_s=0.05)
+    assert wait_for_status(client, "p2", "applied")["waves"] == 3
+    layout = client.get("/v1/layout").json()
+    assert [(i["clock_mhz"], i["instances"]) for i in layout["items"]] == [(1410, 3)]
+    journal = client.get("/v1/journal", params={"plan_id": "p2"}).json()["entries"]
+    assert sorted(e["instance_id"] for e in journal) == ["i00001", "i00002", "i00003"]
+    assert [e["wave"] for e in journal] == [1, 2, 3]

@@ -26,6 +26,8 @@ def loop_env(
     base_url, stop = run_in_thread(cluster="demo", token=token, gpu_capacity=256)
     monkeypatch.setenv("WATTPLAN_DATABASE_URL", database_url)
     monkeypatch.setenv("WATTPLAN_AUTO_APPROVE", "true")
+    # The first plan starts a whole fleet: not a "large change" here (no person answers).
+    monkeypatch.setenv("WATTPLAN_APPROVAL_LARGE_CHANGE_INSTANCES", "100000")
     monkeypatch.setenv("AIRFLOW_CONN_WATTPLAN_CLUSTER_DEFAULT", cluster_connection(base_url, token))
     from wattplan import db
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from telemetry.gpu import format_sample_line, spool_file_name
+from telemetry.clock_events import ClockChange, ClockEventLog
+from telemetry.gpu import spool_file_name
+from telemetry.gpu_spool import SPOOL_HEADER, format_spool_line
 from wattplan import db
 from wattplan.settings import PROJECT_ROOT
 
@@ -29,6 +31,7 @@ def _snapshot(engine: sa.Engine) -> dict[str, list]:
         "request_logs": "SELECT * FROM request_logs ORDER BY source, line_no",
         "windows": "SELECT * FROM request_type_windows ORDER BY 1, 2, 3, 4",
         "gpu": "SELECT gpu_uuid, sampled_at, energy_mj FROM gpu_telemetry ORDER BY 1, 2",
+        "clocks": "SELECT instance_id, changed_at, to_mhz, reason FROM clock_changes ORDER BY 1, 2",
         "instance_windows": "SELECT instance_id, window_start_at, energy_j, mean_power_w"
         " FROM instance_windows ORDER BY 1, 2",
         "runs": "SELECT source_kind, interval_start_at, interval_end_at, rows_read,"
@@ -39,10 +42,11 @@ def _snapshot(engine: sa.Engine) -> dict[str, list]:
 
 
 def _write_spool(folder: Path) -> None:
-    """Two GPUs of one instance sampled every second, 18:30-18:50, at 400 W each."""
+    """Two GPUs of one instance sampled every second, 18:30-18:50, at 400 W each, in the
+    collector's spool format."""
     folder.mkdir(parents=True)
     first = END - timedelta(minutes=10)
-    lines = []
+    lines = [SPOOL_HEADER]
     for k in range(20 * 60):
         at = first + timedelta(seconds=k)
         for index in (0, 1):
@@ -58,8 +62,27 @@ def _write_spool(folder: Path) -> None:
                 "memory_clock_mhz": 2619,
                 "power_limit_w": 700.0,
             }
-            lines.append(format_sample_line(record))
+            lines.append(format_spool_line(record))
     (folder / spool_file_name("node-a", first)).write_text("\n".join(lines) + "\n")
+
+
+def _write_clock_events(folder: Path) -> None:
+    """The clock loop of inst-1 lowers the clock in the interval and raises it again; one
+    change falls in the interval before."""
+    log = ClockEventLog(folder, "node-a")
+    for minutes, to_mhz, reason in ((-7, 1800, "lower"), (-4, 1410, "lower"), (-1, 1980, "raise")):
+        log.append(
+            ClockChange(
+                "inst-1",
+                END + timedelta(minutes=minutes),
+                "node-a",
+                None,
+                to_mhz,
+                reason,
+                "clock-loop",
+            )
+        )
+    log.close()
 
 
 def test_ingest_dag_loads_exactly_its_interval_and_reruns_change_nothing(
@@ -68,6 +91,8 @@ def test_ingest_dag_loads_exactly_its_interval_and_reruns_change_nothing(
     monkeypatch.setenv("WATTPLAN_DATABASE_URL", database_url)
     _write_spool(tmp_path / "spool")
     monkeypatch.setenv("WATTPLAN_GPU_SPOOL_DIR", str(tmp_path / "spool"))
+    _write_clock_events(tmp_path / "clock")
+    monkeypatch.setenv("WATTPLAN_CLOCK_SPOOL_DIR", str(tmp_path / "clock"))
     with db.connect(database_url) as engine:
         db.upgrade(engine)
         _run(END)
@@ -92,9 +117,13 @@ def test_ingest_dag_loads_exactly_its_interval_and_reruns_change_nothing(
         assert window.energy_j == pytest.approx(2 * 400 * 300)
         assert window.mean_power_w == pytest.approx(800.0)
 
+        # The clock loop's changes of the interval, with their reasons.
+        assert [(c.to_mhz, c.reason) for c in first["clocks"]] == [(1410, "lower"), (1980, "raise")]
+
         # The next interval adds its own rows and leaves the first interval's alone.
         _run(END + timedelta(minutes=5))
         second = _snapshot(engine)
         kept = [r for r in second["request_logs"] if r.arrived_at < END]
         assert kept == first["request_logs"]
-        assert len(second["runs"]) == len(first["runs"]) + 2  # requests and GPU telemetry
+        # requests, GPU telemetry and clock changes
+        assert len(second["runs"]) == len(first["runs"]) + 3

@@ -51,7 +51,13 @@ def set_connection(
 ) -> ServingClusterHook:
     """Define the Airflow Connection in the environment and return a hook on it."""
     parts = urlsplit(base_url)
-    conn = {"conn_type": "http", "host": parts.hostname, "port": parts.port, "password": token}
+    conn = {
+        "conn_type": "http",
+        "host": parts.hostname,
+        "port": parts.port,
+        "password": token,
+        "extra": {"backoff_s": 0.01},  # retries stay, waits are short
+    }
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
     return ServingClusterHook(conn_id, timeout_s=5.0)
 
@@ -100,6 +106,49 @@ def answering(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], Servi
         threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
         servers.append(server)
         return set_connection(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
+    """A loopback server answering from a script of (status, body, headers), then the last
+    entry for ever; it counts requests."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(*script: tuple[int, dict[str, Any], dict[str, str]]) -> Any:
+        answers = list(script)
+        seen: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                seen.append(f"{self.command} {self.path}")
+                status, payload, headers = answers.pop(0) if len(answers) > 1 else answers[0]
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                for name, value in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self._answer()
+
+            do_GET = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+        servers.append(server)
+        set_connection(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+        return seen
 
     yield start
     for server in servers:
@@ -157,10 +206,10 @@ def test_test_connection_reports_success_and_a_wrong_token(
 
 def test_push_sends_only_the_difference(hook: ServingClusterHook) -> None:
     first = layout(("chat", TP4, 2), ("search", TP2, 1))
-    assert push_layout(hook, "p1", first) == {"plan_id": "p1", "changes": 2, "status": "applied"}
+    assert push_layout(hook, "p1", first, 1) == {"plan_id": "p1", "changes": 2, "status": "applied"}
 
     second = layout(("chat", TP4, 2), ("search", TP2, 3), ("code", TP2, 1))
-    assert push_layout(hook, "p2", second)["changes"] == 2  # chat is unchanged
+    assert push_layout(hook, "p2", second, 2)["changes"] == 2  # chat is unchanged
     plan_id, actual = hook.get_layout()
     assert plan_id == "p2"
     assert diff_layout(actual, second) == []
@@ -168,8 +217,8 @@ def test_push_sends_only_the_difference(hook: ServingClusterHook) -> None:
 
 def test_push_is_noop_when_cluster_already_matches(hook: ServingClusterHook) -> None:
     desired = layout(("chat", TP4, 2))
-    push_layout(hook, "p1", desired)
-    result = push_layout(hook, "p2", desired)
+    push_layout(hook, "p1", desired, 1)
+    result = push_layout(hook, "p2", desired, 2)
     assert result == {"plan_id": "p2", "changes": 0, "status": "applied"}
     assert hook.get_layout()[0] == "p1"  # nothing was sent under p2
     with pytest.raises(ClusterNotFoundError):
@@ -177,23 +226,23 @@ def test_push_is_noop_when_cluster_already_matches(hook: ServingClusterHook) -> 
 
 
 def test_push_removes_slots_the_plan_drops(hook: ServingClusterHook) -> None:
-    push_layout(hook, "p1", layout(("chat", TP4, 2), ("search", TP2, 1)))
-    push_layout(hook, "p2", layout(("chat", TP4, 1)))
+    push_layout(hook, "p1", layout(("chat", TP4, 2), ("search", TP2, 1)), 1)
+    push_layout(hook, "p2", layout(("chat", TP4, 1)), 2)
     assert hook.get_layout()[1] == Layout((LayoutItem("chat", "SS", TP4, 1),))
 
 
 def test_retried_push_with_the_same_plan_id_applies_once(hook: ServingClusterHook) -> None:
     changes = diff_layout(Layout(), layout(("chat", TP4, 2)))
-    assert hook.push_changes("p1", None, changes) == "applied"
+    assert hook.push_changes("p1", None, changes, 1) == "applied"
     # A retry whose first answer was lost sends the same body again: accepted, not re-applied.
-    assert hook.push_changes("p1", None, changes) == "applied"
+    assert hook.push_changes("p1", None, changes, 1) == "applied"
     assert hook.get_layout()[1].gpus == 8
 
 
 def test_stale_base_plan_maps_to_stale_error(hook: ServingClusterHook) -> None:
-    push_layout(hook, "p1", layout(("chat", TP4, 1)))
+    push_layout(hook, "p1", layout(("chat", TP4, 1)), 1)
     with pytest.raises(ClusterStaleError, match="runs plan 'p1'") as info:
-        hook.push_changes("p2", "p0", diff_layout(Layout(), layout(("chat", TP4, 2))))
+        hook.push_changes("p2", "p0", diff_layout(Layout(), layout(("chat", TP4, 2))), 2)
     assert isinstance(info.value, ClusterError)
 
 
@@ -203,7 +252,7 @@ def test_change_beyond_capacity_maps_to_invalid_error(
     base_url, _ = start_agent(gpu_capacity=4)
     hook = set_connection(monkeypatch, base_url)
     with pytest.raises(ClusterInvalidError, match="gpu_capacity=4"):
-        push_layout(hook, "p1", layout(("chat", TP4, 2)))
+        push_layout(hook, "p1", layout(("chat", TP4, 2)), 1)
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
@@ -217,6 +266,75 @@ def test_unreachable_cluster_maps_to_transient_error(monkeypatch: pytest.MonkeyP
     hook = set_connection(monkeypatch, f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ClusterTransientError, match="cannot reach"):
         hook.get_layout()
+
+
+EMPTY_LAYOUT = {"cluster": "c", "plan_id": None, "gpus": 0, "items": []}
+
+
+def test_transient_errors_are_retried_with_exponential_backoff(scripted: Any) -> None:
+    seen = scripted(
+        (503, {"detail": "busy"}, {}),
+        (502, {"detail": "gateway"}, {}),
+        (200, EMPTY_LAYOUT, {}),
+    )
+    waits: list[float] = []
+    hook = ServingClusterHook(CONN_ID, max_attempts=4, backoff_s=0.5, sleep=waits.append)
+    assert hook.get_layout() == (None, Layout())
+    assert waits == [0.5, 1.0]
+    assert seen == ["GET /v1/layout"] * 3
+
+
+def test_retry_after_header_sets_the_wait_within_the_cap(scripted: Any) -> None:
+    scripted((429, {"detail": "slow down"}, {"Retry-After": "7"}), (200, EMPTY_LAYOUT, {}))
+    waits: list[float] = []
+    ServingClusterHook(CONN_ID, backoff_s=0.5, sleep=waits.append).get_layout()
+    assert waits == [7.0]
+    scripted((503, {"detail": "later"}, {"Retry-After": "3600"}), (200, EMPTY_LAYOUT, {}))
+    waits.clear()
+    ServingClusterHook(CONN_ID, backoff_s=0.5, sleep=waits.append).get_layout()
+    assert waits == [30.0]  # MAX_BACKOFF_S
+
+
+def test_transient_errors_give_up_after_max_attempts(scripted: Any) -> None:
+    seen = scripted((503, {"detail": "down for maintenance"}, {}))
+    waits: list[float] = []
+    hook = ServingClusterHook(CONN_ID, max_attempts=3, backoff_s=1.0, sleep=waits.append)
+    with pytest.raises(ClusterTransientError, match="gave up after 3 attempt") as info:
+        hook.get_layout()
+    assert "down for maintenance" in str(info.value)
+    assert waits == [1.0, 2.0]
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(401, ClusterAuthError), (409, ClusterStaleError), (422, ClusterInvalidError)],
+)
+def test_permanent_errors_fail_at_once_without_retry(
+    scripted: Any, status: int, error: type
+) -> None:
+    seen = scripted((status, {"detail": f"refused with {status}"}, {}))
+    waits: list[float] = []
+    hook = ServingClusterHook(CONN_ID, max_attempts=5, sleep=waits.append)
+    with pytest.raises(error, match=f"HTTP {status}: POST /v1/plans/p1/changes .*refused"):
+        hook.push_changes("p1", None, [], 1)
+    assert (len(seen), waits) == (1, [])
+
+
+def test_push_body_carries_version_base_plan_and_changes(hook: ServingClusterHook) -> None:
+    changes = diff_layout(Layout(), layout(("chat", TP4, 1)))
+    assert hook.push_changes("p7", None, changes, 1_700_000_000) == "applied"
+    assert hook.get_plan_status("p7") == "applied"
+    with pytest.raises(ClusterStaleError, match="version 1699999999 is stale"):
+        hook.push_changes("p8", "p7", [], 1_699_999_999)
+
+
+def test_bad_retry_settings_in_the_connection_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    set_connection(monkeypatch, "http://127.0.0.1:1")
+    with pytest.raises(ClusterPermanentError, match="max_attempts >= 1"):
+        ServingClusterHook(CONN_ID, max_attempts=0).get_layout()
 
 
 @pytest.mark.parametrize(
@@ -256,6 +374,7 @@ def test_operator_stores_only_its_arguments() -> None:
         task_id="push",
         plan_id="{{ run_id }}",
         desired=layout(("chat", TP4, 1)),
+        version=1,
         serving_cluster_conn_id="not_defined_anywhere",
     )  # no Connection needed to build it
     assert op.template_fields == ("plan_id",)
@@ -269,6 +388,7 @@ def test_operator_pushes_and_returns_a_small_summary(hook: ServingClusterHook) -
         task_id="push",
         plan_id="p1",
         desired=layout_to_dict(desired),
+        version=1,
         serving_cluster_conn_id=CONN_ID,
     )
     assert op.execute(context={}) == {"plan_id": "p1", "changes": 1, "status": "applied"}
@@ -286,6 +406,7 @@ def test_wrong_token_fails_at_once_without_retry(
         task_id="push",
         plan_id="p1",
         desired=layout(("chat", TP4, 1)),
+        version=1,
         serving_cluster_conn_id=CONN_ID,
         retries=3,
     )
@@ -299,7 +420,7 @@ def test_invalid_layout_fails_at_once(hook: ServingClusterHook) -> None:
     bad = layout_to_dict(layout(("chat", TP4, 1)))
     bad["items"][0]["tp"] = 3
     op = PushPlanOperator(
-        task_id="push", plan_id="p1", desired=bad, serving_cluster_conn_id=CONN_ID
+        task_id="push", plan_id="p1", desired=bad, version=1, serving_cluster_conn_id=CONN_ID
     )
     with pytest.raises(AirflowFailException, match=r"changes\[0\]\.tp"):
         op.execute(context={})
@@ -311,6 +432,7 @@ def test_transient_error_propagates_so_airflow_retries(answering: Any) -> None:
         task_id="push",
         plan_id="p1",
         desired=layout(("chat", TP4, 1)),
+        version=1,
         serving_cluster_conn_id=CONN_ID,
         retries=3,
     )
@@ -332,7 +454,7 @@ def test_sensor_pokes_false_while_applying_then_true(
 ) -> None:
     base_url, _ = start_agent(apply_delay_s=0.3)
     hook = set_connection(monkeypatch, base_url)
-    assert push_layout(hook, "p1", layout(("chat", TP4, 1)))["status"] == "applying"
+    assert push_layout(hook, "p1", layout(("chat", TP4, 1)), 1)["status"] == "applying"
     sensor = PlanAppliedSensor(task_id="wait", plan_id="p1", serving_cluster_conn_id=CONN_ID)
     assert sensor.poke(context={}) is False
     deadline = time.monotonic() + 5.0
@@ -346,7 +468,7 @@ def test_sensor_fails_at_once_when_the_plan_failed(
 ) -> None:
     state_path = tmp_path / "agent-state.json"
     base_url, stop = start_agent(apply_delay_s=30, state_path=state_path)
-    push_layout(set_connection(monkeypatch, base_url), "p1", layout(("chat", TP4, 2)))
+    push_layout(set_connection(monkeypatch, base_url), "p1", layout(("chat", TP4, 2)), 1)
     stop()
     # Restarted with fewer GPUs, the agent cannot finish the plan and marks it failed.
     base_url, _ = start_agent(state_path=state_path, gpu_capacity=4)
@@ -370,8 +492,8 @@ def test_sensor_fails_at_once_for_an_unknown_plan(hook: ServingClusterHook) -> N
 
 def test_sensor_accepts_a_noop_push_when_given_the_layout(hook: ServingClusterHook) -> None:
     desired = layout(("chat", TP4, 1))
-    push_layout(hook, "p1", desired)
-    assert push_layout(hook, "p2", desired)["changes"] == 0
+    push_layout(hook, "p1", desired, 1)
+    assert push_layout(hook, "p2", desired, 2)["changes"] == 0
     sensor = PlanAppliedSensor(
         task_id="wait", plan_id="p2", desired=desired, serving_cluster_conn_id=CONN_ID
     )

@@ -187,10 +187,13 @@ def test_missing_or_unreadable_file_raises_input_data_error(tmp_path: Path) -> N
 
 def test_spool_file_names_carry_node_and_first_sample_time() -> None:
     name = spool_file_name("node a/7", T0 + timedelta(microseconds=5))
-    assert name == "gpu-node_a_7-20260301T120000.000005Z.jsonl"
+    assert name == "gpu-node_a_7-20260301T120000.000005Z.tsv"
     assert parse_spool_file_name(name) == ("node_a_7", T0 + timedelta(microseconds=5))
+    assert parse_spool_file_name("gpu-n-20260301T120000.000000Z-3.tsv") == ("n", T0)
     assert parse_spool_file_name("gpu-n-20260301T120000.000000Z-3.jsonl") == ("n", T0)
+    assert spool_file_name("n", T0, ".jsonl") == "gpu-n-20260301T120000.000000Z.jsonl"
     assert parse_spool_file_name("other.jsonl") is None
+    assert parse_spool_file_name("gpu-n-20260301T120000.000000Z.tsv.part") is None
 
 
 # --- properties -----------------------------------------------------------------------------

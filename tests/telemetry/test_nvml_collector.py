@@ -132,7 +132,7 @@ def _collect(spool: Path, clock: FakeClock, **kwargs: Any) -> nvml_collector.Col
 
 def _samples(spool: Path) -> list[Any]:
     out = []
-    for path in sorted(spool.glob("*.jsonl")):
+    for path in sorted(spool.glob("*.tsv")):
         parsed = parse_gpu_file(path)
         assert parsed.rejected == ()
         out.extend(parsed.samples)
@@ -201,19 +201,19 @@ def test_rotation_by_age_leaves_only_complete_closed_files(
 
     def check_spool(_: FakeClock) -> None:
         # a loader listing the spool now must only find complete, clean files
-        closed = {p.name for p in tmp_path.glob("*.jsonl")}
+        closed = {p.name for p in tmp_path.glob("*.tsv")}
         for name in closed:
             assert parse_gpu_file(tmp_path / name).rejected == ()
-        assert len(list(tmp_path.glob("*.jsonl.part"))) == 1
+        assert len(list(tmp_path.glob("*.tsv.part"))) == 1
         seen_while_running.append(closed)
 
     clock.on_sleep.append(check_spool)
     stats = _collect(tmp_path, clock, rotate_s=10)
-    files = sorted(tmp_path.glob("*.jsonl"))
+    files = sorted(tmp_path.glob("*.tsv"))
     assert len(files) == 5 == len(stats.files_closed)
     assert not list(tmp_path.glob("*.part"))
     assert [len(parse_gpu_file(p).samples) for p in files] == [20, 20, 20, 20, 16]
-    assert [p.name for p in files][0] == "gpu-gpu-node-7-20260301T120000.000000Z.jsonl"
+    assert [p.name for p in files][0] == "gpu-gpu-node-7-20260301T120000.000000Z.tsv"
     named = [parse_spool_file_name(p.name) for p in files]
     assert [n[1] for n in named if n] == [T0 + timedelta(seconds=10 * i) for i in range(5)]
     assert seen_while_running[9] == set() and len(seen_while_running[10]) == 1
@@ -223,7 +223,7 @@ def test_rotation_by_size_never_splits_a_sweep(
     tmp_path: Path, clock: FakeClock, fake_nvml: mock.MagicMock
 ) -> None:
     _collect(tmp_path, clock, rotate_bytes=2000)
-    files = sorted(tmp_path.glob("*.jsonl"))
+    files = sorted(tmp_path.glob("*.tsv"))
     assert len(files) > 5
     for path in files:
         parsed = parse_gpu_file(path)
@@ -235,14 +235,14 @@ def test_part_file_left_by_a_crash_is_closed_at_start(
     tmp_path: Path, clock: FakeClock, fake_nvml: mock.MagicMock
 ) -> None:
     _collect(tmp_path, clock, max_samples=4)
-    (done,) = tmp_path.glob("*.jsonl")
-    crashed = tmp_path / "gpu-gpu-node-7-20260301T110000.000000Z.jsonl.part"
+    (done,) = tmp_path.glob("*.tsv")
+    crashed = tmp_path / "gpu-gpu-node-7-20260301T110000.000000Z.tsv.part"
     crashed.write_bytes(done.read_bytes() + done.read_bytes()[:57])  # torn last line
-    other_node = tmp_path / "gpu-gpu-node-7b-20260301T110000.000000Z.jsonl.part"
+    other_node = tmp_path / "gpu-gpu-node-7b-20260301T110000.000000Z.tsv.part"
     other_node.write_text("")
     clock.now = T0
     stats = _collect(tmp_path, clock, max_samples=2)
-    recovered = tmp_path / "gpu-gpu-node-7-20260301T110000.000000Z.jsonl"
+    recovered = tmp_path / "gpu-gpu-node-7-20260301T110000.000000Z.tsv"
     assert recovered in stats.files_closed and other_node.exists()
     parsed = parse_gpu_file(recovered)
     assert len(parsed.samples) == 4 and len(parsed.rejected) == 1
@@ -268,7 +268,7 @@ def test_sigterm_stops_after_the_sweep_closes_the_file_and_shuts_nvml_down(
     before = signal.getsignal(signal.SIGTERM)
     stats = _collect(tmp_path, clock, max_samples=None, handle_signals=True)
     assert stats.sweeps == 3  # the signal came while waiting for the 4th
-    assert len(list(tmp_path.glob("*.jsonl"))) == 1 and not list(tmp_path.glob("*.part"))
+    assert len(list(tmp_path.glob("*.tsv"))) == 1 and not list(tmp_path.glob("*.part"))
     fake_nvml.nvmlShutdown.assert_called_once_with()
     assert signal.getsignal(signal.SIGTERM) == before
 

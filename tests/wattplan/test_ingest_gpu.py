@@ -14,7 +14,14 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from telemetry.gpu import format_sample_line, parse_gpu_file, spool_file_name
+from telemetry.gpu import (
+    JSONL_SUFFIX,
+    SPOOL_SUFFIX,
+    format_sample_line,
+    parse_gpu_file,
+    spool_file_name,
+)
+from telemetry.gpu_spool import SPOOL_HEADER, format_spool_line
 from wattplan.errors import InputDataError
 from wattplan.ingest_gpu import list_complete_files, load_gpu_telemetry
 
@@ -57,17 +64,33 @@ def recorded_records(node: str, instance: str, uuid_prefix: str, t0: datetime = 
     return sorted(out, key=lambda r: (r["sampled_at"], r["gpu_index"]))
 
 
-def write_file(folder: Path, records: list[dict], extra_lines: list[str] = ()) -> Path:  # type: ignore[assignment]
-    path = folder / spool_file_name(records[0]["node"], records[0]["sampled_at"])
-    lines = [format_sample_line(r) for r in records] + list(extra_lines)
+#: The collector's spool format and the JSONL format (for other producers).
+FORMATS = ["tsv", "jsonl"]
+
+
+def sample_line(record: dict, fmt: str = "tsv") -> str:
+    return format_spool_line(record) if fmt == "tsv" else format_sample_line(record)
+
+
+def write_file(
+    folder: Path,
+    records: list[dict],
+    extra_lines: list[str] = (),  # type: ignore[assignment]
+    fmt: str = "tsv",
+) -> Path:
+    """A telemetry file as the collector (tsv) or another producer (jsonl) writes it."""
+    suffix = SPOOL_SUFFIX if fmt == "tsv" else JSONL_SUFFIX
+    path = folder / spool_file_name(records[0]["node"], records[0]["sampled_at"], suffix)
+    header = [SPOOL_HEADER] if fmt == "tsv" else []
+    lines = header + [sample_line(r, fmt) for r in records] + list(extra_lines)
     path.write_text("".join(f"{line}\n" for line in lines))
     return path
 
 
-def two_nodes(folder: Path) -> list[Path]:
+def two_nodes(folder: Path, fmt: str = "tsv") -> list[Path]:
     return [
-        write_file(folder, recorded_records("node-a", "inst-a", "GPU-")),
-        write_file(folder, recorded_records("node-b", "inst-b", "GPU-b")),
+        write_file(folder, recorded_records("node-a", "inst-a", "GPU-"), fmt=fmt),
+        write_file(folder, recorded_records("node-b", "inst-b", "GPU-b"), fmt=fmt),
     ]
 
 
@@ -104,10 +127,11 @@ def oracle(
     return pd.concat([energy.rename("energy_j"), power], axis=1).reset_index()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_instance_windows_match_an_independent_pandas_oracle(
-    engine: sa.Engine, tmp_path: Path
+    engine: sa.Engine, tmp_path: Path, fmt: str
 ) -> None:
-    files = two_nodes(tmp_path)
+    files = two_nodes(tmp_path, fmt)
     end = T0 + timedelta(seconds=60)
     load(engine, files, T0, end)
     stored = pd.DataFrame(
@@ -128,12 +152,13 @@ def test_instance_windows_match_an_independent_pandas_oracle(
     assert set(stored.gpus) == {2} and stored.samples.sum() == 2 * 2 * 48
 
 
-def test_rerunning_an_interval_leaves_identical_rows(engine: sa.Engine, tmp_path: Path) -> None:
-    files = two_nodes(tmp_path)
-    bad = tmp_path / "gpu-node-c-20260301T120000.000000Z.jsonl"
-    first_c = format_sample_line(recorded_records("node-c", "inst-c", "GPU-c")[0])
-    bad.write_text(f"not json\n{first_c}\n")
-    files.append(bad)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rerunning_an_interval_leaves_identical_rows(
+    engine: sa.Engine, tmp_path: Path, fmt: str
+) -> None:
+    files = two_nodes(tmp_path, fmt)
+    c = recorded_records("node-c", "inst-c", "GPU-c")[:1]
+    files.append(write_file(tmp_path, c, ["not a sample"], fmt=fmt))
     end = T0 + timedelta(seconds=60)
     dumps = []
     for _ in range(2):  # the first run fills new partitions, the second an existing one
@@ -153,14 +178,18 @@ def test_rerunning_an_interval_leaves_identical_rows(engine: sa.Engine, tmp_path
     assert len(dumps[0][0]) == 2 * 96 + 1 and result.rows_read == 2 * 96 + 1 + 1
 
 
+@pytest.mark.parametrize(
+    ("fmt", "first_bad_line", "garbage_reason"),
+    [("tsv", 6, "expected 15 tab-separated fields"), ("jsonl", 5, "not valid JSON")],
+)
 def test_rejected_lines_land_with_file_line_reason_and_raw(
-    engine: sa.Engine, tmp_path: Path
+    engine: sa.Engine, tmp_path: Path, fmt: str, first_bad_line: int, garbage_reason: str
 ) -> None:
     good = recorded_records("node-a", "inst-a", "GPU-")
-    bad_power = format_sample_line(
-        {**good[1], "power_w": -5.0, "sampled_at": T0 + timedelta(seconds=50)}
+    bad_power = sample_line(
+        {**good[1], "power_w": -5.0, "sampled_at": T0 + timedelta(seconds=50)}, fmt
     )
-    path = write_file(tmp_path, good[:4], ["\x00not json at all\x00", bad_power])
+    path = write_file(tmp_path, good[:4], ["\x00not json at all\x00", bad_power], fmt=fmt)
     result = load(engine, [path], T0, T0 + timedelta(seconds=60))
     assert (result.rows_read, result.rows_loaded, result.rows_rejected) == (6, 4, 2)
     assert result.files == (str(path),)
@@ -168,10 +197,10 @@ def test_rejected_lines_land_with_file_line_reason_and_raw(
         engine, "SELECT source, line_no, reason, raw, source_kind FROM rejected_rows ORDER BY 2"
     )
     assert [(s[0], s[1], s[4]) for s in stored] == [
-        (path.name, 5, "gpu_telemetry"),
-        (path.name, 6, "gpu_telemetry"),
+        (path.name, first_bad_line, "gpu_telemetry"),
+        (path.name, first_bad_line + 1, "gpu_telemetry"),
     ]
-    assert "not valid JSON" in stored[0][2] and stored[0][3] == "not json at all"
+    assert garbage_reason in stored[0][2] and stored[0][3] == "not json at all"
     assert "power_w" in stored[1][2] and stored[1][3] == bad_power
     assert rows(engine, "SELECT rows_read, rows_loaded, rows_rejected FROM ingest_runs") == [
         (6, 4, 2)
@@ -230,11 +259,15 @@ def test_daily_partitions_are_created_and_old_ones_dropped_by_retention(
     assert rows(engine, "SELECT count(*) FROM gpu_telemetry") == [(2 * 18 + 96,)]
 
 
-def test_repeat_in_another_file_is_rejected_not_loaded(engine: sa.Engine, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_repeat_in_another_file_is_rejected_not_loaded(
+    engine: sa.Engine, tmp_path: Path, fmt: str
+) -> None:
     records = recorded_records("node-a", "inst-a", "GPU-")
-    first = write_file(tmp_path, records)
-    copy = tmp_path / "gpu-node-a-20260301T120000.000000Z-1.jsonl"
-    copy.write_text(format_sample_line(records[3]) + "\n")
+    first = write_file(tmp_path, records, fmt=fmt)
+    (tmp_path / "copy").mkdir()
+    made = write_file(tmp_path / "copy", records[3:4], fmt=fmt)
+    copy = made.rename(tmp_path / made.name.replace("Z.", "Z-1."))
     result = load(engine, [first, copy], T0, T0 + timedelta(seconds=60))
     assert (result.rows_loaded, result.rows_rejected) == (96, 1)
     assert "duplicate" in rows(engine, "SELECT reason FROM rejected_rows")[0][0]
@@ -262,17 +295,18 @@ def test_a_node_loaded_later_leaves_the_other_nodes_rows_alone(
 
 def test_list_complete_files_skips_part_files_and_picks_files_by_interval(tmp_path: Path) -> None:
     names = [
-        "gpu-node-a-20260301T110000.000000Z.jsonl",
-        "gpu-node-a-20260301T120000.000000Z.jsonl",
-        "gpu-node-a-20260301T130000.000000Z.jsonl",
-        "gpu-node-a-20260301T140000.000000Z.jsonl.part",
+        "gpu-node-a-20260301T110000.000000Z.tsv",
+        "gpu-node-a-20260301T120000.000000Z.tsv",
+        "gpu-node-a-20260301T130000.000000Z.tsv",
+        "gpu-node-a-20260301T140000.000000Z.tsv.part",
         "gpu-node-b-20260301T083000.000000Z.jsonl",
         "hand-made.jsonl",
+        "notes.txt",
     ]
     for name in names:
         (tmp_path / name).write_text("")
     assert [p.name for p in list_complete_files(tmp_path)] == sorted(
-        n for n in names if not n.endswith(".part")
+        n for n in names if not n.endswith((".part", ".txt"))
     )
     chosen = list_complete_files(tmp_path, T0 + timedelta(minutes=5), T0 + timedelta(minutes=10))
     assert [p.name for p in chosen] == [names[1], names[4], names[5]]
@@ -359,7 +393,7 @@ def test_a_day_attached_early_still_takes_a_late_row_of_that_day(
     stray = {**later[0], "sampled_at": datetime(2026, 3, 1, 23, 59, 59, 500000, tzinfo=UTC)}
     files = [write_file(tmp_path, first), write_file(tmp_path, later[:10])]
     with files[1].open("a") as handle:  # a clock step: a day-1 sample in a later file
-        handle.write(format_sample_line(stray) + "\n")
+        handle.write(sample_line(stray) + "\n")
     start, end = (
         datetime(2026, 3, 1, 23, 59, 30, tzinfo=UTC),
         datetime(2026, 3, 2, 0, 4, tzinfo=UTC),

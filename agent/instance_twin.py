@@ -1,0 +1,306 @@
+"""A serving instance in simulation, iteration by iteration: the simulated backend of the
+instance clock loop.
+
+:class:`InstanceTwin` runs one engine with continuous batching: each iteration, waiting
+requests are admitted (FCFS, up to ``max_batch``) and prefilled, and every running
+sequence emits one token; the iteration takes the decode step time of the batch plus the
+prefills admitted, both from :class:`~agent.clock_control.PerformanceModel` at the
+current clock. The twin exposes the engine's state as an
+:class:`~agent.metrics.EngineSnapshot` (what vLLM's ``/metrics`` gives the real loop),
+takes clock changes (each stalls the engine for ``clock_change_s``, DOMAIN.md section 6)
+and integrates power: loaded-idle plus dynamic power, which grows with batch activity and
+superlinearly with clock (``(f / f_max) ** clock_power_exponent``).
+
+:func:`replay` drives the twin through a request trace with a clock rule -- the
+controller every ``control_interval_s``, or a fixed clock -- and returns energy and SLO
+attainment; ``wattplan bench clock-loop`` compares the loop with the fixed maximum clock
+on the bundled Azure conversation trace.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.clock_control import ClockController, PerformanceModel
+from agent.metrics import EngineSnapshot
+from telemetry.requests import parse_azure_trace
+from wattplan.domain import RequestTypeBins
+from wattplan.errors import InputDataError
+
+
+@dataclass(frozen=True)
+class PowerModel:
+    """Power of one instance (all its GPUs), W.
+
+    ``gpus x (idle_w + dynamic_w x activity x (f / f_max) ** exponent)`` with ``activity``
+    = 1 in an iteration with prefill and ``min(1, decode_activity_base +
+    decode_activity_per_seq x batch)`` in a decode-only iteration; ``idle_w`` between
+    requests. H100 SXM defaults: ~90 W loaded idle, 700 W limit.
+    """
+
+    gpus: int = 4
+    idle_w: float = 90.0
+    dynamic_w: float = 560.0
+    decode_activity_base: float = 0.45
+    decode_activity_per_seq: float = 0.01
+    clock_power_exponent: float = 2.4
+
+    def watts(self, clock_mhz: float, max_clock_mhz: float, batch: int, prefill: bool) -> float:
+        if batch == 0 and not prefill:
+            return self.gpus * self.idle_w
+        activity = (
+            1.0
+            if prefill
+            else min(1.0, self.decode_activity_base + self.decode_activity_per_seq * batch)
+        )
+        scale = (clock_mhz / max_clock_mhz) ** self.clock_power_exponent
+        return self.gpus * (self.idle_w + self.dynamic_w * activity * scale)
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    """A request to replay: arrival (s from the trace start) and token counts."""
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class _Running:
+    index: int
+    left: int
+    first_token_s: float = 0.0
+    last_token_s: float = 0.0
+
+
+@dataclass
+class ReplayResult:
+    """What a replay measured."""
+
+    energy_j: float
+    seconds: float
+    requests: int
+    slo_attainment: float
+    ttft_p99_s: float
+    tbt_mean_p99_s: float
+    clock_changes: int
+    clock_time_share: dict[int, float] = field(default_factory=dict)
+
+
+class InstanceTwin:
+    """One simulated engine (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: PerformanceModel,
+        power: PowerModel,
+        *,
+        clock_mhz: int,
+        max_batch: int = 64,
+        clock_change_s: float = 0.07,
+    ) -> None:
+        self.model, self.power = model, power
+        self.clock_mhz = clock_mhz
+        self.max_batch = max_batch
+        self.clock_change_s = clock_change_s
+        self.now_s = 0.0
+        self.energy_j = 0.0
+        self.waiting: deque[int] = deque()
+        self.running: list[_Running] = []
+        self.clock_changes = 0
+        self.clock_time: dict[int, float] = {}
+        self.prompt_tokens_total = 0.0
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state as its metrics endpoint would report it."""
+        return EngineSnapshot(
+            running=len(self.running),
+            waiting=len(self.waiting),
+            kv_cache_usage=len(self.running) / self.max_batch,
+            prompt_tokens_total=self.prompt_tokens_total,
+        )
+
+    def set_clock(self, clock_mhz: int) -> None:
+        """Lock a new clock: the engine stalls for ``clock_change_s`` at the old power."""
+        if clock_mhz == self.clock_mhz:
+            return
+        self._spend(self.clock_change_s, bool(self.running), prefill=False)
+        self.clock_mhz = clock_mhz
+        self.clock_changes += 1
+
+    def _spend(self, seconds: float, busy: bool, *, prefill: bool) -> None:
+        batch = len(self.running) if busy else 0
+        watts = self.power.watts(self.clock_mhz, self.model.max_clock_mhz, batch, prefill)
+        self.energy_j += watts * seconds
+        self.clock_time[self.clock_mhz] = self.clock_time.get(self.clock_mhz, 0.0) + seconds
+        self.now_s += seconds
+
+
+def replay(
+    trace: Sequence[TraceRequest],
+    model: PerformanceModel,
+    power: PowerModel,
+    *,
+    ttft_slo_s: float,
+    tbt_slo_s: float,
+    clock_rule: ClockController | int,
+    control_interval_s: float = 0.5,
+    max_batch: int = 64,
+) -> ReplayResult:
+    """Serve ``trace`` on one twin; ``clock_rule`` is a controller (asked every
+    ``control_interval_s``) or a fixed clock (MHz). A request attains its SLO when its TTFT
+    and its mean time between tokens are within the SLOs."""
+    fixed = isinstance(clock_rule, int)
+    start_clock = clock_rule if isinstance(clock_rule, int) else int(clock_rule.clock_mhz or 0)
+    twin = InstanceTwin(model, power, clock_mhz=start_clock, max_batch=max_batch)
+    arrivals = sorted(range(len(trace)), key=lambda i: trace[i].arrival_s)
+    ttft = np.full(len(trace), np.nan)
+    tbt = np.full(len(trace), np.nan)
+    next_arrival = 0
+    next_control = 0.0
+    while next_arrival < len(arrivals) or twin.waiting or twin.running:
+        while (
+            next_arrival < len(arrivals) and trace[arrivals[next_arrival]].arrival_s <= twin.now_s
+        ):
+            twin.waiting.append(arrivals[next_arrival])
+            next_arrival += 1
+        if not fixed and twin.now_s >= next_control:
+            assert isinstance(clock_rule, ClockController)
+            decision = clock_rule.decide(twin.now_s, twin.snapshot())
+            twin.set_clock(decision.clock_mhz)
+            next_control = twin.now_s + control_interval_s
+        if not twin.waiting and not twin.running:
+            # idle until the next arrival (or the next control tick, whichever is first)
+            target = trace[arrivals[next_arrival]].arrival_s
+            if not fixed:
+                target = min(target, max(next_control, twin.now_s))
+            twin._spend(max(target - twin.now_s, 0.0), False, prefill=False)
+            if twin.now_s < target:  # float safety
+                twin.now_s = target
+            continue
+        admitted: list[int] = []
+        while twin.waiting and len(twin.running) + len(admitted) < twin.max_batch:
+            admitted.append(twin.waiting.popleft())
+        prefill_s = sum(model.prefill_s(trace[i].prompt_tokens, twin.clock_mhz) for i in admitted)
+        twin.prompt_tokens_total += sum(trace[i].prompt_tokens for i in admitted)
+        batch = len(twin.running) + len(admitted)
+        step_s = model.tbt_s(batch, twin.clock_mhz) + prefill_s
+        twin.running.extend(_Running(i, trace[i].output_tokens) for i in admitted)
+        twin._spend(step_s, True, prefill=bool(admitted))
+        still = []
+        for r in twin.running:
+            if r.left == trace[r.index].output_tokens:  # its first token
+                ttft[r.index] = twin.now_s - trace[r.index].arrival_s
+                r.first_token_s = twin.now_s
+            r.left -= 1
+            r.last_token_s = twin.now_s
+            if r.left <= 0:
+                tokens = trace[r.index].output_tokens
+                tbt[r.index] = (
+                    (r.last_token_s - r.first_token_s) / (tokens - 1) if tokens > 1 else 0.0
+                )
+            else:
+                still.append(r)
+        twin.running = still
+    ok = (ttft <= ttft_slo_s) & (tbt <= tbt_slo_s)
+    total = sum(twin.clock_time.values()) or 1.0
+    return ReplayResult(
+        energy_j=twin.energy_j,
+        seconds=twin.now_s,
+        requests=len(trace),
+        slo_attainment=float(ok.mean()) if len(trace) else 1.0,
+        ttft_p99_s=float(np.nanpercentile(ttft, 99)) if len(trace) else 0.0,
+        tbt_mean_p99_s=float(np.nanpercentile(tbt, 99)) if len(trace) else 0.0,
+        clock_changes=twin.clock_changes,
+        clock_time_share={c: round(t / total, 4) for c, t in sorted(twin.clock_time.items())},
+    )
+
+
+#: Performance of Llama-2-70B on 4 H100s as the comparison assumes it (documented in
+#: docs/control.md): ~15 ms decode steps plus 0.4 ms per sequence, prefill ~16k tokens/s.
+LLAMA70B_TP4_H100 = PerformanceModel(
+    max_clock_mhz=1980,
+    tbt_base_s=0.015,
+    tbt_per_seq_s=0.0004,
+    prefill_base_s=0.005,
+    prefill_per_token_s=0.00006,
+    decode_clock_sensitivity=0.3,
+)
+#: H100 SXM clocks the loop may lock: 800-1980 MHz in 100 MHz steps (and the maximum).
+H100_CLOCKS_MHZ = (*range(800, 1980, 100), 1980)
+
+
+def load_azure_trace(path: Path, *, minutes: float, every: int = 1) -> list[TraceRequest]:
+    """The first ``minutes`` of an Azure LLM trace CSV; ``every`` n-th request (one of n
+    instances behind a round-robin router).
+
+    Raises:
+        InputDataError: the file cannot be read or has no usable rows.
+    """
+    parsed = parse_azure_trace(path, "replay", RequestTypeBins())
+    if not parsed.records:
+        raise InputDataError(f"{path} holds no requests to replay")
+    t0 = min(r.arrived_at for r in parsed.records)
+    out = [
+        TraceRequest((r.arrived_at - t0).total_seconds(), r.input_tokens, max(r.output_tokens, 1))
+        for r in sorted(parsed.records, key=lambda r: r.arrived_at)
+        if (r.arrived_at - t0).total_seconds() < minutes * 60
+    ]
+    return out[::every]
+
+
+def compare_with_max_clock(
+    trace: Sequence[TraceRequest],
+    *,
+    ttft_slo_s: float = 1.0,
+    tbt_slo_s: float = 0.075,
+    model: PerformanceModel = LLAMA70B_TP4_H100,
+    power: PowerModel | None = None,
+    clocks_mhz: Sequence[int] = H100_CLOCKS_MHZ,
+    poll_s: float = 0.5,
+) -> dict[str, Any]:
+    """Energy and SLO attainment of the clock loop against the fixed maximum clock."""
+    power = power or PowerModel()
+    # the loop projects prefills with a long prompt (the trace's 90th percentile): the
+    # median under-projects bursts of long prompts (more TTFT misses, measured)
+    prompt = float(np.percentile([r.prompt_tokens for r in trace], 90)) if trace else 0.0
+    fixed = replay(
+        trace, model, power, ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s, clock_rule=max(clocks_mhz)
+    )
+    controller = ClockController(
+        model, clocks_mhz, tbt_slo_s=tbt_slo_s, ttft_slo_s=ttft_slo_s, prompt_tokens=prompt
+    )
+    loop = replay(
+        trace,
+        model,
+        power,
+        ttft_slo_s=ttft_slo_s,
+        tbt_slo_s=tbt_slo_s,
+        clock_rule=controller,
+        control_interval_s=poll_s,
+    )
+    return {
+        "requests": len(trace),
+        "slo": {"ttft_s": ttft_slo_s, "tbt_mean_s": tbt_slo_s},
+        "max_clock": _figures(fixed),
+        "clock_loop": _figures(loop),
+        "energy_saved": round(1 - loop.energy_j / fixed.energy_j, 4) if fixed.energy_j else 0.0,
+    }
+
+
+def _figures(r: ReplayResult) -> dict[str, Any]:
+    return {
+        "energy_kwh": round(r.energy_j / 3.6e6, 5),
+        "slo_attainment": round(r.slo_attainment, 5),
+        "ttft_p99_s": round(r.ttft_p99_s, 4),
+        "tbt_mean_p99_s": round(r.tbt_mean_p99_s, 4),
+        "clock_changes": r.clock_changes,
+        "time_share_by_clock_mhz": {str(k): v for k, v in r.clock_time_share.items() if v},
+    }

@@ -1,0 +1,293 @@
+"""A feasible start for HiGHS: the LP relaxation rounded pool by pool (docs/optimizer.md).
+
+At fleet size HiGHS on its own finds no feasible layout for a long time (STACK_NOTES.md),
+while the LP relaxation is within a few percent of the optimum. So this module decides only
+the integer instance counts and leaves everything continuous to the LP:
+
+1. solve the LP relaxation; its duals price the shared GPU and power rows;
+2. per service, visit pools from the smallest request type up; round each serving shape's
+   LP instance count down; move what is left of the pool's LP load up to a larger pool of
+   the service (spill) when its share of that pool's cheapest instance costs less than a new
+   instance here, otherwise cover it with new instances of least priced cost per covered rps
+   (energy, GPU price, shared-row prices, start costs);
+3. place each shape's instances in its power domains, most power-hungry first, always in
+   the domain with the most power headroom left;
+4. fix the counts and re-solve the LP: loads, spill, mean loads and start counts come out
+   optimal for those counts. If that LP is infeasible (a power row over its bound), lower
+   the rows of domains at or near their limit by the estimated excess plus one instance's
+   power in the relaxation and repeat.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import highspy
+import numpy as np
+
+from optimizer.bridge import MatrixForm, SolverIndex
+from optimizer.catalog import Catalog, Column
+from wattplan.domain import REQUEST_TYPES
+
+Option = tuple[str, str, str]  # (service, request type, config key): a shape across domains
+
+
+@dataclass(frozen=True)
+class Start:
+    """A feasible solution vector, its objective and how it was found."""
+
+    x: np.ndarray
+    objective: float
+    rounds: int
+
+
+def _type_rank(rtype: str) -> int:
+    """Visiting order of types: sum of class positions, so smaller types come first (LC,
+    which exchanges no load, last)."""
+    if rtype not in REQUEST_TYPES:
+        return 10
+    return "SML".index(rtype[0]) + "SML".index(rtype[1])
+
+
+class _Counts:
+    """Integer counts per shape option, with the start-cost bookkeeping per group."""
+
+    def __init__(self, cat: Catalog, index: SolverIndex, priced: np.ndarray) -> None:
+        self.cat = cat
+        self.index = index
+        self.priced = priced
+        self.position = {key: k for k, key in enumerate(_group_keys(cat))}
+        self.groups: dict[int, float] = defaultdict(float)
+        self.count: dict[Option, int] = {}
+
+    def _units(self, level: int, column: Column) -> int:
+        return column.gpus if self.cat.levels[level].in_gpus else 1
+
+    def add(self, option: Option, column: Column, instances: int) -> None:
+        """Record ``instances`` more of ``option`` (``column`` is any of its columns)."""
+        self.count[option] = self.count.get(option, 0) + instances
+        for level, group in enumerate(column.groups):
+            self.groups[self.position[(level, group)]] += instances * self._units(level, column)
+
+    def start_cost(self, column: Column) -> float:
+        """Priced start cost of one more instance of ``column`` given the counts so far."""
+        cost = 0.0
+        for level, group in enumerate(column.groups):
+            k = self.position[(level, group)]
+            applied = self.cat.levels[level].current.get(group, 0)
+            units = self._units(level, column)
+            extra = max(0.0, self.groups[k] + units - max(applied, self.groups[k]))
+            cost += self.priced[self.index.started[k]] * extra
+        return cost
+
+
+def _group_keys(cat: Catalog) -> list[tuple[int, tuple]]:
+    """Transition groups in the model's order (``m.transition_groups``)."""
+    keys = {(level, group) for c in cat.columns for level, group in enumerate(c.groups)}
+    return sorted(keys, key=repr)
+
+
+def decide_counts(
+    cat: Catalog,
+    index: SolverIndex,
+    form: MatrixForm,
+    lp_x: np.ndarray,
+    duals: np.ndarray,
+) -> dict[Option, int]:
+    """Integer instance count per shape option (summed over domains) from an LP solution.
+
+    Args:
+        cat: The catalog.
+        index: Solver positions of the model's components.
+        form: The instance's matrix form.
+        lp_x: LP relaxation column values.
+        duals: LP relaxation row duals (HiGHS signs).
+    """
+    rows = index.shared_rows
+    priced = form.cost - (form.a[rows].T @ duals[rows] if len(rows) else 0.0)
+    options: dict[Option, list[Column]] = defaultdict(list)
+    for c in cat.columns:
+        options[(c.service, c.request_type, c.config.key)].append(c)
+    by_pool: dict[tuple[str, str], list[Option]] = defaultdict(list)
+    for opt in options:
+        by_pool[(opt[0], opt[1])].append(opt)
+    counts = _Counts(cat, index, priced)
+    pairs = set(cat.edges)  # the spill the model allows
+    lp_n = {o: sum(lp_x[index.instances[c.index]] for c in cs) for o, cs in options.items()}
+    for opt, cs in options.items():
+        counts.add(opt, cs[0], math.floor(lp_n[opt] + 1e-6))
+    load = {
+        pool: sum(lp_x[index.load[c.index]] for o in opts for c in options[o])
+        for pool, opts in by_pool.items()
+    }
+
+    def cheapest(opts: list[Option], residual: float) -> tuple[Option | None, float]:
+        best, best_value = None, math.inf
+        for o in opts:
+            if counts.count[o] + 1 > sum(c.upper_bound for c in options[o]):
+                continue
+            c = min(options[o], key=lambda c: priced[index.instances[c.index]])
+            covered = min(c.envelope.capacity_rps, residual)
+            value = (priced[index.instances[c.index]] + counts.start_cost(c)) / covered
+            if value < best_value:
+                best, best_value = o, value
+        return best, best_value
+
+    # smaller types first: a remainder too small to pay for an instance moves up (spill)
+    for pool in sorted(by_pool, key=lambda p: (p[0], _type_rank(p[1]), p[1])):
+        opts = by_pool[pool]
+        residual = load[pool] - sum(
+            counts.count[o] * options[o][0].envelope.capacity_rps for o in opts
+        )
+        if residual <= 1e-7:
+            continue
+        local, local_value = cheapest(opts, residual)
+        local_cost = (
+            local_value * min(residual, options[local][0].envelope.capacity_rps)
+            if local
+            else math.inf
+        )
+        target, target_cost = None, local_cost
+        for other in by_pool:
+            if (pool[0], pool[1], other[1]) not in pairs or other[0] != pool[0]:
+                continue
+            # capacity the remainder takes there, priced like a share of its best instance
+            o, value = cheapest(by_pool[other], math.inf)
+            if o is not None and value * residual < target_cost:
+                target, target_cost = other, value * residual
+        if target is not None:
+            load[target] += residual
+            continue
+        while residual > 1e-7:
+            best, _ = cheapest(opts, residual)
+            if best is None:
+                break  # no room: the fixed-count LP will report infeasibility
+            counts.add(best, options[best][0], 1)
+            residual -= options[best][0].envelope.capacity_rps
+    return counts.count
+
+
+def place_counts(
+    cat: Catalog, counts: dict[Option, int], lp_x: np.ndarray, index: SolverIndex
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Instances per catalog column: each option's count spread over its power domains.
+
+    Instances go one at a time, most power-hungry shape first, into the domain with the
+    most power headroom (fraction of its limit) that still has GPUs of the type.
+
+    Returns:
+        The count per catalog column, and the estimated peak power (W) per domain.
+    """
+    limit = {d.name: d.limit_w for d in cat.domains}
+    gpus_left = {(d.name, g): n for d in cat.domains for g, n in d.gpus.items()}
+    power = {d.name: 0.0 for d in cat.domains}
+    per_column = np.zeros(len(cat.columns), dtype=np.int64)
+    options: dict[Option, list[Column]] = defaultdict(list)
+    for c in cat.columns:
+        options[(c.service, c.request_type, c.config.key)].append(c)
+    pool_load: dict[tuple[str, str], float] = defaultdict(float)
+    pool_capacity: dict[tuple[str, str], float] = defaultdict(float)
+    for o, cs in options.items():
+        pool_load[(o[0], o[1])] += sum(lp_x[index.load[c.index]] for c in cs)
+        pool_capacity[(o[0], o[1])] += counts.get(o, 0) * cs[0].envelope.capacity_rps
+
+    def instance_w(o: Option) -> float:
+        env = options[o][0].envelope
+        pool = (o[0], o[1])
+        rate = env.capacity_rps * min(1.0, pool_load[pool] / max(pool_capacity[pool], 1e-9))
+        return env.upper_a_w + env.upper_b_w_per_rps * rate
+
+    for o in sorted(counts, key=lambda o: (-instance_w(o), o)):
+        watts = instance_w(o)
+        for _ in range(counts[o]):
+            fits = [
+                c
+                for c in options[o]
+                if per_column[c.index] < c.upper_bound
+                and gpus_left.get((c.domain, c.gpu_type), 0) >= c.gpus
+            ]
+            if not fits:
+                break
+            best = max(fits, key=lambda c: _headroom(limit[c.domain], power[c.domain], watts))
+            per_column[best.index] += 1
+            gpus_left[(best.domain, best.gpu_type)] -= best.gpus
+            power[best.domain] += watts
+    return per_column, power
+
+
+def _headroom(limit: float | None, used: float, watts: float) -> float:
+    if limit is None:
+        return math.inf
+    return (limit - used - watts) / limit
+
+
+def rounded_start(
+    cat: Catalog,
+    index: SolverIndex,
+    form: MatrixForm,
+    relaxed: highspy.Highs,
+    rounds: int = 4,
+    deadline: float | None = None,
+) -> Start | None:
+    """Round the (solved) LP relaxation into a feasible start (module docstring).
+
+    Args:
+        cat: The catalog.
+        index: Solver positions of the model's components.
+        form: The instance's matrix form (original bounds).
+        relaxed: The LP relaxation, already run once; its bounds change here.
+        rounds: Times the shared rows may be lowered and the LP re-solved.
+        deadline: ``time.perf_counter()`` value after which no new round starts.
+
+    Returns:
+        A :class:`Start` feasible for every row, or ``None`` when none was found.
+    """
+    cols = index.instances.astype(np.int32)
+    upper = form.row_upper.copy()
+    limits = {d.name: d.limit_w for d in cat.domains}
+    power_row = index.power_rows
+    for attempt in range(rounds + 1):
+        if relaxed.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return None
+        solution = relaxed.getSolution()
+        lp_x = np.array(solution.col_value)
+        counts = decide_counts(cat, index, form, lp_x, np.array(solution.row_dual))
+        per_column, power = place_counts(cat, counts, lp_x, index)
+        fixed = per_column.astype(float)
+        relaxed.changeColsBounds(len(cols), cols, fixed, fixed)
+        relaxed.run()
+        if relaxed.getModelStatus() == highspy.HighsModelStatus.kOptimal:
+            x = np.array(relaxed.getSolution().col_value)
+            x[cols] = fixed
+            if not form.violations(x).any():
+                return Start(x, form.objective(x), attempt)
+        relaxed.changeColsBounds(len(cols), cols, form.col_lower[cols], form.col_upper[cols])
+        # domains at or near their limit give up the estimated excess plus a growing share
+        # of one instance's power (rounding noise): the next LP leaves that much room
+        margin = {d.name: 0.0 for d in cat.domains}
+        for c in cat.columns:
+            if per_column[c.index] > 0:
+                env = c.envelope
+                top = env.upper_a_w + env.upper_b_w_per_rps * env.capacity_rps
+                margin[c.domain] = max(margin[c.domain], top * (attempt + 1) / (rounds + 1))
+        over = {
+            d: power[d] - (lim - margin[d])
+            for d, lim in limits.items()
+            if lim is not None and power[d] > lim - margin[d] and d in power_row
+        }
+        if (
+            attempt == rounds
+            or not over
+            or (deadline is not None and time.perf_counter() > deadline)
+        ):
+            return None
+        rows = np.array([power_row[d] for d in over], dtype=np.int32)
+        upper[rows] -= np.array([over[d] / 1000 for d in over])
+        relaxed.changeRowsBounds(  # type: ignore[attr-defined]  # missing from highspy's stubs
+            len(rows), rows, form.row_lower[rows], upper[rows]
+        )
+        relaxed.run()
+    return None
