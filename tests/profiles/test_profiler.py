@@ -48,7 +48,10 @@ RECORDING = Path(__file__).parents[1] / "data" / "nvml" / "h100_tp2_sequence.jso
 MAX_CLOCK = 1980
 HALF_CLOCK = 990
 PROMPT, OUTPUT = 200, 16
-SLO = (0.5, 0.3)  # TTFT, TBT (s): a TBT gap includes any prefill the engine runs first
+# TTFT, TBT (s): a TBT gap includes any prefill the engine runs first. The law's figures
+# at 8 req/s are ~0.1 s and ~0.07 s; the margin absorbs stalls of the one Python process
+# that runs server, engine and client on a loaded 2-core machine.
+SLO = (1.0, 0.5)
 RATES = (4.0, 8.0, 100.0)
 HTTP_OVERHEAD_S = 0.02
 
@@ -330,7 +333,7 @@ def test_profiler_recovers_the_known_profile_at_two_locked_clocks(bench: Bench) 
     assert [r.profile.config.key for r in run.records] == [
         "sim-8b/H100-80GB/tp2/cap700/1980mhz",
         "sim-8b/H100-80GB/tp2/cap700/990mhz",
-    ]
+    ], run.steps
     capacity = {}
     for record in run.records:
         p = record.profile
@@ -391,7 +394,7 @@ def test_command_writes_a_loadable_csv_and_the_database(
             "--settle-s",
             "0.5",
             "--slo",
-            "MM:ttft=0.5,tbt=0.3",
+            "MM:ttft=1.0,tbt=0.5",
             "--version",
             "lab-2",
             "--out",
@@ -435,11 +438,11 @@ def test_a_step_that_fails_once_is_measured_again(bench: Bench, retries: int) ->
         run = run_profiler(config, progress=None)
     passed = [s.passed for _, _, s in run.steps]
     if retries:
-        assert passed == [False, True, False, False]
+        assert passed == [False, True, False, False], run.steps
         (record,) = run.records
         assert record.profile.capacity_rps == 4.0
     else:
-        assert passed == [False]
+        assert passed == [False], run.steps
         assert run.records == [] and run.skipped == ["sim-8b/H100-80GB/tp2/cap700/1980mhz MM"]
 
 
