@@ -80,8 +80,12 @@ def _twin_writer(telemetry: TwinTelemetry) -> Callable[[AgentState, PlanRecord],
                 "plan %s: version %d is not a window start; no telemetry", record.plan_id, version
             )
             return
-        path = telemetry.write_window(state.instances, datetime.fromtimestamp(version, UTC))
+        start = datetime.fromtimestamp(version, UTC)
+        path = telemetry.write_window(state.instances, start)
         log.info("plan %s: twin telemetry in %s", record.plan_id, path)
+        if telemetry.clock_replay is not None:
+            changes = telemetry.clock_replay.run(state.instances, record.request.policy, start)
+            log.info("plan %s: %d clock changes replayed on the twin", record.plan_id, len(changes))
 
     return write
 

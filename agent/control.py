@@ -39,7 +39,14 @@ import httpx
 
 from agent.backends import BackendError, ControlPlane
 from agent.clock_control import ClockController, ClockPolicy, PerformanceModel
-from agent.instance_twin import LLAMA70B_TP4_H100, model_for_tp
+from agent.instance_twin import (
+    H100_CLOCKS_MHZ,
+    LLAMA70B_TP4_H100,
+    TYPE_TOKENS,
+    LiveInstance,
+    PowerModel,
+    model_for_tp,
+)
 from agent.metrics import EngineSnapshot, MetricsError, fetch_snapshot
 from agent.power_guard import PoolClocks, PowerDomain, PowerGuard
 from agent.rollout import Instance
@@ -202,6 +209,53 @@ def guard_domains(
     return out
 
 
+def make_controller(
+    inst: Instance, clocks: Sequence[int], settings: ControlSettings
+) -> ClockController:
+    """The clock controller of an instance, starting at its planned clock (or the maximum)."""
+    clocks = sorted(clocks)
+    start = inst.config.clock_mhz or clocks[-1]
+    start = max((c for c in clocks if c <= start), default=clocks[0])
+    return ClockController(
+        model_for_tp(inst.config.tp, settings.base_model),
+        clocks,
+        tbt_slo_s=settings.tbt_slo_s,
+        ttft_slo_s=settings.ttft_slo_s,
+        prompt_tokens=PROJECTED_PROMPT_TOKENS.get(inst.request_type[:1], 1024),
+        margin=settings.margin,
+        min_change_interval_s=settings.min_change_interval_s,
+        clock_mhz=start,
+    )
+
+
+def planned_loads(
+    policy: Mapping[str, Any] | None, instances: Sequence[Instance], default_rps: float
+) -> dict[str, float]:
+    """Each instance's share of its pool's planned mean load (``dispatch_mean`` of the
+    plan's clock policy, spread evenly, as a round-robin router would); ``default_rps``
+    where the plan says nothing."""
+    totals: dict[str, tuple[float, int]] = {}
+    for entry in (policy or {}).get("clock_policy", []) or []:
+        try:
+            key = pool_key(entry["service"], entry["request_type"], entry["shape"])
+            load = sum(float(k) * float(rate) for k, rate, _ in entry.get("dispatch_mean", []))
+            totals[key] = (load, int(entry.get("instances") or 0))
+        except (KeyError, TypeError, ValueError):
+            continue
+    counts: dict[str, int] = {}
+    for inst in instances:
+        counts[_instance_pool(inst)] = counts.get(_instance_pool(inst), 0) + 1
+    out = {}
+    for inst in instances:
+        key = _instance_pool(inst)
+        if key in totals:
+            load, planned = totals[key]
+            out[inst.instance_id] = load / max(planned, counts[key], 1)
+        else:
+            out[inst.instance_id] = default_rps
+    return out
+
+
 class ClockRecorder:
     """Records clock changes into the spool (thread-safe) and keeps the last ones in memory."""
 
@@ -221,13 +275,26 @@ class ClockRecorder:
         to_mhz: int,
         reason: str,
         controller: str,
+        pool: tuple[str, str] | None = None,
     ) -> None:
+        """Record one change; ``pool`` is the instance's (service, request type)."""
         with self._lock:
             last = self._last_at.get(instance_id)
             if last is not None and at <= last:  # one event per instance and instant
                 at = last + timedelta(microseconds=1)
             self._last_at[instance_id] = at
-            change = ClockChange(instance_id, at, self.node, from_mhz, to_mhz, reason, controller)
+            service, request_type = pool if pool is not None else (None, None)
+            change = ClockChange(
+                instance_id,
+                at,
+                self.node,
+                from_mhz,
+                to_mhz,
+                reason,
+                controller,
+                service,
+                request_type,
+            )
             self.recent.append(change)
             del self.recent[: -self._keep]
             if self._log is not None:
@@ -316,7 +383,13 @@ class ControlLoops:
                 top = state.controller.max_mhz
                 if state.applied_mhz != top:
                     self.recorder.record(
-                        state.inst.instance_id, at, state.applied_mhz, top, "agent-stop", "restore"
+                        state.inst.instance_id,
+                        at,
+                        state.applied_mhz,
+                        top,
+                        "agent-stop",
+                        "restore",
+                        state.inst.pool,
                     )
                     state.applied_mhz = top
 
@@ -350,19 +423,8 @@ class ControlLoops:
                 except BackendError as exc:
                     log.error("%s: no clock control: %s", inst.instance_id, exc)
                     continue
-                start = inst.config.clock_mhz or clocks[-1]
-                start = max((c for c in clocks if c <= start), default=clocks[0])
-                s = self.settings
-                controller = ClockController(
-                    model_for_tp(inst.config.tp, s.base_model),
-                    clocks,
-                    tbt_slo_s=s.tbt_slo_s,
-                    ttft_slo_s=s.ttft_slo_s,
-                    prompt_tokens=PROJECTED_PROMPT_TOKENS.get(inst.request_type[:1], 1024),
-                    margin=s.margin,
-                    min_change_interval_s=s.min_change_interval_s,
-                    clock_mhz=start,
-                )
+                controller = make_controller(inst, clocks, self.settings)
+                start = int(controller.clock_mhz or clocks[-1])
                 self._instances[inst.instance_id] = _Instance(inst, controller, start)
         return instances, state.policy
 
@@ -433,7 +495,13 @@ class ControlLoops:
                 return
             _, at = self.backend.control_now()
             self.recorder.record(
-                state.inst.instance_id, at, state.applied_mhz, want, reason, controller
+                state.inst.instance_id,
+                at,
+                state.applied_mhz,
+                want,
+                reason,
+                controller,
+                state.inst.pool,
             )
             log.debug(
                 "%s: %d -> %d MHz (%s, %s)",
@@ -517,3 +585,91 @@ class ControlLoops:
                         f"power-guard-level-{level}" if self._caps.get(pool) else "power-release",
                         "power-guard",
                     )
+
+
+class WindowClockReplay:
+    """The clock loop over an applied plan's window, on twin engines (simulated backend).
+
+    What the demo shows: when the simulated agent finishes applying a plan, it replays the
+    first ``replay_s`` seconds of the plan's window for every running instance -- a
+    :class:`~agent.instance_twin.LiveInstance` with Poisson arrivals at the instance's
+    share of its pool's planned mean load, the instance's clock controller polled every
+    ``settings.poll_s`` with the plan's clock policy as floor -- and records each change at
+    its time in the window into the clock-change spool (one closed file per window), which
+    the ``telemetry_ingest`` DAG then loads like any agent's events. Deterministic for a
+    seed.
+
+    Args:
+        settings: The loops' settings (spool, node, SLOs, poll).
+        replay_s: Seconds of each window replayed.
+        default_load_rps: Per-instance load where the plan gives none.
+        seed: Seed of the arrivals.
+    """
+
+    def __init__(
+        self,
+        settings: ControlSettings,
+        *,
+        replay_s: float = 300.0,
+        default_load_rps: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        if replay_s <= 0 or default_load_rps < 0:
+            raise ConfigError("replay_s must be > 0 and default_load_rps >= 0")
+        self.settings = settings
+        self.replay_s = replay_s
+        self.default_load_rps = default_load_rps
+        self.seed = seed
+        self.recorder = ClockRecorder(settings.clock_spool_dir, settings.node)
+
+    def run(
+        self,
+        instances: Sequence[Instance],
+        policy: Mapping[str, Any] | None,
+        start: datetime,
+        clocks_mhz: Sequence[int] = H100_CLOCKS_MHZ,
+    ) -> list[ClockChange]:
+        """Replay the window starting at ``start``; return the changes recorded."""
+        loads = planned_loads(policy, instances, self.default_load_rps)
+        floors = clock_floors(policy, max(clocks_mhz))
+        before = len(self.recorder.recent)
+        poll = self.settings.poll_s
+        for number, inst in enumerate(sorted(instances, key=lambda i: i.instance_id)):
+            controller = make_controller(inst, clocks_mhz, self.settings)
+            controller.policy = floors.get(_instance_pool(inst), ClockPolicy())
+            prompt, output = TYPE_TOKENS.get(inst.request_type, TYPE_TOKENS["MM"])
+            engine = LiveInstance(
+                model_for_tp(inst.config.tp, self.settings.base_model),
+                PowerModel(gpus=len(inst.gpus) or inst.config.gpus),
+                clock_mhz=int(controller.clock_mhz or max(clocks_mhz)),
+                load_rps=loads[inst.instance_id],
+                prompt_tokens=prompt,
+                output_tokens=output,
+                seed=self.seed * 1_000_003 + int(start.timestamp()) + number,
+            )
+            load_rps: float | None = None
+            last: tuple[float, float] | None = None
+            t = 0.0
+            while t < self.replay_s:
+                engine.advance_to(t)
+                snapshot = engine.snapshot()
+                total = snapshot.prompt_tokens_total or 0.0
+                if last is not None and t > last[0]:
+                    load_rps = (total - last[1]) / (t - last[0]) / controller.prompt_tokens
+                last = (t, total)
+                was = int(engine.twin.clock_mhz)
+                decision = controller.decide(t, snapshot, load_rps)
+                if decision.clock_mhz != was:
+                    engine.set_clock(decision.clock_mhz)
+                    self.recorder.record(
+                        inst.instance_id,
+                        start + timedelta(seconds=t),
+                        was,
+                        decision.clock_mhz,
+                        decision.reason,
+                        "clock-loop",
+                        inst.pool,
+                    )
+                t += poll
+        self.recorder.close()
+        return self.recorder.recent[before:]

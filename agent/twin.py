@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.instance_twin import (
     H100_CLOCKS_MHZ,
@@ -45,6 +46,9 @@ from agent.metrics import format_metrics
 from agent.rollout import Instance
 from telemetry.gpu import PART_SUFFIX, spool_file_name
 from telemetry.gpu_spool import SPOOL_HEADER, format_spool_line
+
+if TYPE_CHECKING:
+    from agent.control import WindowClockReplay
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ class TwinTelemetry:
         window_s: Length of the window a plan covers.
         interval_s: Seconds between two samples of a GPU.
         model: The readings.
+        clock_replay: Also replay the clock loop over each applied plan's window and record
+            its clock changes (:class:`agent.control.WindowClockReplay`).
     """
 
     def __init__(
@@ -91,7 +97,9 @@ class TwinTelemetry:
         window_s: int = 1800,
         interval_s: float = 10.0,
         model: TwinModel | None = None,
+        clock_replay: WindowClockReplay | None = None,
     ) -> None:
+        self.clock_replay = clock_replay
         if window_s <= 0 or interval_s <= 0:
             raise ValueError("window_s and interval_s must be positive")
         self.spool_dir = Path(spool_dir)
