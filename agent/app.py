@@ -236,6 +236,7 @@ def create_app(
                 "clocks_mhz": loops.clocks(),
                 "power_guard_levels": dict(loops.guard_levels),
                 "clock_changes": len(loops.recorder.recent),
+                "metrics_failures": loops.metrics_failures(),
             },
         }
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -327,12 +327,21 @@ class ControlLoops:
         store: The agent's state (running instances, the applied plan's policy).
         backend: Where clocks are read, set and restored.
         settings: The loops' settings.
+        now: Source of ``(seconds, time)`` (default: the backend's ``control_now``; tests
+            replay time with it).
     """
 
-    def __init__(self, store: StateStore, backend: ControlPlane, settings: ControlSettings) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        backend: ControlPlane,
+        settings: ControlSettings,
+        now: Callable[[], tuple[float, datetime]] | None = None,
+    ) -> None:
         self.store = store
         self.backend = backend
         self.settings = settings
+        self._now = now or backend.control_now
         self.recorder = ClockRecorder(settings.clock_spool_dir, settings.node)
         self._lock = threading.RLock()
         self._instances: dict[str, _Instance] = {}
@@ -378,7 +387,7 @@ class ControlLoops:
             except Exception:  # restoring must go on for the other GPUs and the file
                 log.exception("restoring the default clocks failed")
                 return
-            _, at = self.backend.control_now()
+            _, at = self._now()
             for state in self._instances.values():
                 top = state.controller.max_mhz
                 if state.applied_mhz != top:
@@ -440,7 +449,7 @@ class ControlLoops:
         floors = clock_floors(policy, max((s.controller.max_mhz for s in states), default=0))
         for state in states:
             snapshot = self._read(state)
-            now_s, _ = self.backend.control_now()
+            now_s, _ = self._now()
             controller = state.controller
             controller.policy = floors.get(_instance_pool(state.inst), ClockPolicy())
             decision = controller.decide(now_s, snapshot, state.load_rps)
@@ -454,7 +463,7 @@ class ControlLoops:
             )
         except MetricsError as exc:
             state.metrics_failures += 1
-            now_s, _ = self.backend.control_now()
+            now_s, _ = self._now()
             if now_s - state.warned_at_s >= METRICS_WARN_EVERY_S * self.backend.speed:
                 state.warned_at_s = now_s
                 log.warning(
@@ -465,7 +474,7 @@ class ControlLoops:
                     exc,
                 )
             return None
-        now_s, _ = self.backend.control_now()
+        now_s, _ = self._now()
         total = snapshot.prompt_tokens_total
         if total is not None:
             if state.last_prompt is not None and now_s > state.last_prompt[0]:
@@ -493,7 +502,7 @@ class ControlLoops:
             except BackendError as exc:
                 log.error("%s: keeping %d MHz: %s", state.inst.instance_id, state.applied_mhz, exc)
                 return
-            _, at = self.backend.control_now()
+            _, at = self._now()
             self.recorder.record(
                 state.inst.instance_id,
                 at,
@@ -512,6 +521,11 @@ class ControlLoops:
                 controller,
             )
             state.applied_mhz = want
+
+    def metrics_failures(self) -> dict[str, int]:
+        """Unreadable metrics reads per controlled instance so far."""
+        with self._lock:
+            return {iid: s.metrics_failures for iid, s in self._instances.items()}
 
     def clocks(self) -> dict[str, int]:
         """The clock each controlled instance runs at."""
@@ -553,7 +567,7 @@ class ControlLoops:
                 log.error("power domain %s: no power reading: %s", d.domain.name, exc)
                 caps.update(guard.caps())
                 continue
-            now_s, _ = self.backend.control_now()
+            now_s, _ = self._now()
             decision = guard.step(now_s, power)
             self.guard_levels[d.domain.name] = decision.level
             if decision.changed:
