@@ -74,6 +74,8 @@ class ControlSettings:
         ttft_slo_s: SLO on the time to first token the loop keeps.
         tbt_slo_s: SLO on the (mean) time between tokens the loop keeps.
         margin: Projections must stay under ``margin`` x SLO (``ClockController``).
+        max_lower_steps: Lower by at most this many supported clocks per change (None: to
+            the lowest feasible clock at once; see docs/control.md for the trade-off).
         metrics_timeout_s: Timeout of one metrics read.
         power_domains: GPUs of each power domain by name; a plan domain not listed covers
             every GPU of the agent when it is the plan's only domain with a budget.
@@ -89,6 +91,7 @@ class ControlSettings:
     ttft_slo_s: float = 1.0
     tbt_slo_s: float = 0.075
     margin: float = 0.65
+    max_lower_steps: int | None = None
     metrics_timeout_s: float = 1.0
     power_domains: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     grace_s: float = 10.0
@@ -102,6 +105,8 @@ class ControlSettings:
                 raise ConfigError(f"control setting {name} must be > 0, not {getattr(self, name)}")
         if self.min_change_interval_s < 0 or not 0 < self.margin <= 1:
             raise ConfigError("min_change_interval_s must be >= 0 and margin in (0, 1]")
+        if self.max_lower_steps is not None and self.max_lower_steps < 1:
+            raise ConfigError(f"max_lower_steps must be >= 1, not {self.max_lower_steps}")
 
 
 def shape_key(inst: Instance) -> str:
@@ -224,6 +229,7 @@ def make_controller(
         prompt_tokens=PROJECTED_PROMPT_TOKENS.get(inst.request_type[:1], 1024),
         margin=settings.margin,
         min_change_interval_s=settings.min_change_interval_s,
+        max_lower_steps=settings.max_lower_steps,
         clock_mhz=start,
     )
 

@@ -265,6 +265,7 @@ def compare_with_max_clock(
     power: PowerModel | None = None,
     clocks_mhz: Sequence[int] = H100_CLOCKS_MHZ,
     poll_s: float = 0.5,
+    max_lower_steps: int | None = None,
 ) -> dict[str, Any]:
     """Energy and SLO attainment of the clock loop against the fixed maximum clock."""
     power = power or PowerModel()
@@ -275,7 +276,12 @@ def compare_with_max_clock(
         trace, model, power, ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s, clock_rule=max(clocks_mhz)
     )
     controller = ClockController(
-        model, clocks_mhz, tbt_slo_s=tbt_slo_s, ttft_slo_s=ttft_slo_s, prompt_tokens=prompt
+        model,
+        clocks_mhz,
+        tbt_slo_s=tbt_slo_s,
+        ttft_slo_s=ttft_slo_s,
+        prompt_tokens=prompt,
+        max_lower_steps=max_lower_steps,
     )
     loop = replay(
         trace,
@@ -288,6 +294,7 @@ def compare_with_max_clock(
     )
     return {
         "requests": len(trace),
+        "max_lower_steps": max_lower_steps,
         "slo": {"ttft_s": ttft_slo_s, "tbt_mean_s": tbt_slo_s},
         "max_clock": _figures(fixed),
         "clock_loop": _figures(loop),

@@ -194,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         "are not delayed",
     )
     control.add_argument(
+        "--clock-lower-steps",
+        type=int,
+        default=None,
+        help="lower by at most this many supported clocks per change (default: straight to "
+        "the lowest feasible clock; 1: about half the saving, SLO attainment within one "
+        "request of the maximum clock on the replayed hour, docs/control.md)",
+    )
+    control.add_argument(
         "--guard-interval-s",
         type=float,
         default=1.0,
@@ -282,6 +290,7 @@ def _control_settings(
         return ControlSettings(
             poll_s=args.clock_poll_s,
             min_change_interval_s=args.clock_min_change_s,
+            max_lower_steps=args.clock_lower_steps,
             guard_interval_s=args.guard_interval_s,
             ttft_slo_s=args.ttft_slo_s,
             tbt_slo_s=args.tbt_slo_s,

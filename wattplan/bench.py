@@ -364,9 +364,11 @@ def _clock_loop(args: argparse.Namespace) -> int:
 
     if args.minutes <= 0 or args.instances < 1:
         raise SystemExit("wattplan bench clock-loop: --minutes must be > 0 and --instances >= 1")
+    if args.lower_steps is not None and args.lower_steps < 1:
+        raise SystemExit("wattplan bench clock-loop: --lower-steps must be >= 1")
     _progress(sys.stderr, f"replaying {args.minutes:g} min of {args.trace.name} ...")
     trace = load_azure_trace(args.trace, minutes=args.minutes, every=args.instances)
-    figures = compare_with_max_clock(trace)
+    figures = compare_with_max_clock(trace, max_lower_steps=args.lower_steps)
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
@@ -551,6 +553,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=2,
         help="instances behind a round-robin router; one is replayed (default 2)",
+    )
+    clock.add_argument(
+        "--lower-steps",
+        type=int,
+        default=None,
+        help="lower the clock by at most this many supported clocks per change (default: "
+        "straight to the lowest feasible clock)",
     )
     clock.add_argument("--json", action="store_true", help="print the figures as JSON")
     solve = sub.add_parser(
