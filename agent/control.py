@@ -422,7 +422,7 @@ class ControlLoops:
             if self._wait(self.settings.poll_s):
                 return
 
-    def _sync(self) -> tuple[Sequence[Instance], Mapping[str, Any] | None]:
+    def _sync(self) -> tuple[Sequence[Instance], Mapping[str, Any] | None, str | None]:
         state = self.store.snapshot()
         instances = state.instances
         self.backend.sync(instances)
@@ -441,11 +441,11 @@ class ControlLoops:
                 controller = make_controller(inst, clocks, self.settings)
                 start = int(controller.clock_mhz or clocks[-1])
                 self._instances[inst.instance_id] = _Instance(inst, controller, start)
-        return instances, state.policy
+        return instances, state.policy, state.applied_plan_id
 
     def clock_round(self) -> None:
         """One poll of every running instance (the loop's body; tests call it directly)."""
-        instances, policy = self._sync()
+        instances, policy, _ = self._sync()
         with self._lock:
             states = [
                 self._instances[i.instance_id]
@@ -551,14 +551,14 @@ class ControlLoops:
 
     def guard_round(self) -> None:
         """One power reading of every guarded domain (the loop's body)."""
-        instances, policy = self._sync()
+        instances, policy, plan_id = self._sync()
         with self._lock:
             clocks = {
                 _instance_pool(s.inst): tuple(s.controller.clocks_mhz)
                 for s in self._instances.values()
             }
         domains = guard_domains(policy, instances, clocks, self.settings)
-        key = (id(policy), tuple((d.domain, d.gpus, d.pools) for d in domains))
+        key = (plan_id, tuple((d.domain, d.gpus, d.pools) for d in domains))
         if key != self._guard_key:  # a new plan: new guards (levels start at 0)
             self._guard_key = key
             self._guards = {d.domain.name: PowerGuard(d.domain, d.pools) for d in domains}
