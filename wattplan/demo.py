@@ -184,8 +184,8 @@ def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
 
         progress.start(
             f"closed loop: plan_cluster for {len(plan_starts)} windows (forecast, MILP, approve, "
-            "push, verify), each followed by telemetry_ingest of its window (request logs and "
-            "the agent's GPU telemetry)"
+            "push, verify), each followed by telemetry_ingest of its window (request logs, the "
+            "agent's GPU telemetry and clock changes)"
         )
         for window_start in plan_starts:
             # The demo plays the operator: a plan the policy leaves to a person (a degraded
