@@ -103,8 +103,12 @@ class ControlSettings:
         for name in ("poll_s", "guard_interval_s", "ttft_slo_s", "tbt_slo_s", "grace_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"control setting {name} must be > 0, not {getattr(self, name)}")
-        if self.min_change_interval_s < 0 or not 0 < self.margin <= 1:
-            raise ConfigError("min_change_interval_s must be >= 0 and margin in (0, 1]")
+        if self.min_change_interval_s < 0:
+            raise ConfigError(
+                f"min_change_interval_s must be >= 0, not {self.min_change_interval_s}"
+            )
+        if not 0 < self.margin <= 1:
+            raise ConfigError(f"the clock margin must be in (0, 1], not {self.margin}")
         if self.max_lower_steps is not None and self.max_lower_steps < 1:
             raise ConfigError(f"max_lower_steps must be >= 1, not {self.max_lower_steps}")
 

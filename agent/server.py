@@ -202,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
         "request of the maximum clock on the replayed hour, docs/control.md)",
     )
     control.add_argument(
+        "--clock-margin",
+        type=float,
+        default=0.65,
+        help="the clock loop keeps its projected TTFT and TBT under this fraction of the SLOs "
+        "(0.65)",
+    )
+    control.add_argument(
         "--guard-interval-s",
         type=float,
         default=1.0,
@@ -291,6 +298,7 @@ def _control_settings(
             poll_s=args.clock_poll_s,
             min_change_interval_s=args.clock_min_change_s,
             max_lower_steps=args.clock_lower_steps,
+            margin=args.clock_margin,
             guard_interval_s=args.guard_interval_s,
             ttft_slo_s=args.ttft_slo_s,
             tbt_slo_s=args.tbt_slo_s,

@@ -442,3 +442,79 @@ def test_power_guard_caps_in_order_from_a_replayed_power_trace_and_releases(
     assert sorted(c.args[0] for c in resets) == sorted(
         f"gpu{g}" for gs in gpus.values() for g in gs
     )
+
+
+def test_change_sets_carry_the_plan_policy_through_the_state_file(tmp_path: Path) -> None:
+    from agent.state import ChangeSetError, parse_change_request
+
+    body = {
+        "version": 7,
+        "base_plan_id": None,
+        "changes": [_item("chat", "SS", 1)],
+        "policy": _policy(),
+    }
+    with pytest.raises(ChangeSetError, match="policy"):
+        parse_change_request({**body, "policy": [1, 2]})
+    assert (
+        parse_change_request(body).fingerprint
+        != parse_change_request({k: v for k, v in body.items() if k != "policy"}).fingerprint
+    )
+    store = StateStore("c", 8, tmp_path / "state.json")
+    store.submit("p7", body)
+    applier = Applier(store, SimulatedBackend())
+    applier.start()
+    try:
+        assert applier.wait_idle(WAIT_S)
+    finally:
+        applier.stop()
+    reloaded = StateStore("c", 8, tmp_path / "state.json").snapshot()
+    assert reloaded.applied_plan_id == "p7" and reloaded.policy == _policy()
+
+
+def test_sigterm_stops_the_loops_and_closes_the_event_file(tmp_path: Path) -> None:
+    """``wattplan agent`` as a process: SIGTERM runs the shutdown that restores clocks and
+    closes the clock-change file (the simulated backend; nvml restores in the same step)."""
+    import subprocess
+
+    port = _free_port()
+    spool = tmp_path / "clock"
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("wattplan")),
+            "agent",
+            "--port",
+            str(port),
+            "--twin-load-rps",
+            "0.2",
+            "--clock-spool",
+            str(spool),
+            "--node",
+            "sigterm-node",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        _until(up, "the agent to answer")
+        body = {"version": 1, "base_plan_id": None, "changes": [_item("chat", "SS", 1)]}
+        httpx.post(f"{base_url}/v1/plans/p1/changes", json=body, timeout=10)
+        _until(lambda: list(spool.glob("*.jsonl.part")), "a clock change in an open file")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert not list(spool.glob("*.part"))
+    [closed] = list_clock_files(spool)
+    assert parse_clock_file(closed).changes[0].node == "sigterm-node"
