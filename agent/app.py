@@ -33,6 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from agent.backends import Backend, SimulatedBackend
+from agent.control import ControlLoops, ControlSettings
 from agent.runner import Applier
 from agent.state import (
     APPLYING,
@@ -79,8 +80,12 @@ def _twin_writer(telemetry: TwinTelemetry) -> Callable[[AgentState, PlanRecord],
                 "plan %s: version %d is not a window start; no telemetry", record.plan_id, version
             )
             return
-        path = telemetry.write_window(state.instances, datetime.fromtimestamp(version, UTC))
+        start = datetime.fromtimestamp(version, UTC)
+        path = telemetry.write_window(state.instances, start)
         log.info("plan %s: twin telemetry in %s", record.plan_id, path)
+        if telemetry.clock_replay is not None:
+            changes = telemetry.clock_replay.run(state.instances, record.request.policy, start)
+            log.info("plan %s: %d clock changes replayed on the twin", record.plan_id, len(changes))
 
     return write
 
@@ -134,6 +139,7 @@ def create_app(
     backend: Backend | None = None,
     clock: Callable[[], datetime] = _utc_now,
     telemetry: TwinTelemetry | None = None,
+    control: ControlSettings | None = None,
 ) -> FastAPI:
     """Build the agent's FastAPI application.
 
@@ -148,6 +154,8 @@ def create_app(
         clock: Source of acceptance and application times.
         telemetry: With the simulated backend, writes the GPU samples of each applied plan's
             window (:mod:`agent.twin`); the plan's version is taken as its window start.
+        control: Run the clock loop and the power guard (:mod:`agent.control`) with these
+            settings; ``None``: no instance-level control.
 
     Returns:
         The application; a plan left applying by a previous run resumes at startup.
@@ -159,19 +167,28 @@ def create_app(
     backend = backend if backend is not None else SimulatedBackend(apply_delay_s)
     applier = Applier(store, backend, _twin_writer(telemetry) if telemetry else None)
     instant = isinstance(backend, SimulatedBackend) and backend.wave_s == 0
+    loops = ControlLoops(store, backend, control) if control is not None else None  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(applier.start)
-        yield
-        await run_in_threadpool(applier.stop)
-        backend.close()
+        try:
+            if loops is not None:
+                loops.start()
+            yield
+        finally:
+            # default clocks back on every GPU the loops locked, also after an error
+            if loops is not None:
+                await run_in_threadpool(loops.stop)
+            await run_in_threadpool(applier.stop)
+            backend.close()
 
     app = FastAPI(title=f"wattplan cluster agent ({cluster})", lifespan=lifespan)
     app.state.token = token
     app.state.store = store
     app.state.backend = backend
     app.state.applier = applier
+    app.state.control = loops
 
     @app.exception_handler(AgentError)
     async def agent_error(_: Request, exc: AgentError) -> JSONResponse:
@@ -213,6 +230,14 @@ def create_app(
             "desired": _layout_body(state.desired),
             "actual": _layout_body(state.layout),
             "instances": [instance_to_dict(inst) for inst in state.instances],
+            "control": None
+            if loops is None
+            else {
+                "clocks_mhz": loops.clocks(),
+                "power_guard_levels": dict(loops.guard_levels),
+                "clock_changes": len(loops.recorder.recent),
+                "metrics_failures": loops.metrics_failures(),
+            },
         }
 
     @v1.post("/plans/{plan_id}/changes")

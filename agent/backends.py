@@ -9,6 +9,14 @@
   {port}``) with ``CUDA_VISIBLE_DEVICES`` set to those GPUs; a retune only changes clocks
   and power limit; a stop ends the process (SIGTERM, then SIGKILL) and resets the GPUs.
 
+Both backends also serve the control loops (:mod:`agent.control`, the
+:class:`ControlPlane` methods): the simulated one through live twin engines
+(:class:`agent.twin.TwinFleet`: vLLM-format ``/metrics``, locked clocks, measured power),
+the nvml one through the instances' serving engines (``http://127.0.0.1:{port}/metrics``),
+``nvmlDeviceSetGpuLockedClocks`` (never outside the GPU's supported clocks),
+``nvmlDeviceGetPowerUsage``, and ``nvmlDeviceResetGpuLockedClocks`` for every GPU the loops
+touched when the agent stops.
+
 Every step is idempotent (a process already running for the instance is kept, a stopped
 one is not stopped twice, clock settings are absolute), because a wave interrupted by a
 restart of the agent is run again from the start.
@@ -25,13 +33,17 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pynvml
 
 from agent.rollout import RETUNE, START, STOP, Instance, Step, gpus_per_instance
 from wattplan.errors import ConfigError, WattplanError
+
+if TYPE_CHECKING:
+    from agent.twin import TwinFleet
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +78,106 @@ class Backend(Protocol):
         """Release what the backend holds (serving processes keep running)."""
 
 
+class ControlPlane(Protocol):
+    """What the control loops (:mod:`agent.control`) need from a backend."""
+
+    #: Simulated seconds per wall second (1 on real GPUs); the loops scale their waits.
+    speed: float
+
+    def control_now(self) -> tuple[float, datetime]:
+        """``(seconds, time)``: a monotonic clock for the controllers and the event time."""
+
+    def sync(self, instances: Sequence[Instance]) -> None:
+        """Learn the running instances (called before each round of the loops)."""
+
+    def metrics_url(self, inst: Instance) -> str:
+        """URL of the instance's serving engine's Prometheus ``/metrics``."""
+
+    def supported_clocks(self, inst: Instance) -> tuple[int, ...]:
+        """SM clocks (MHz) every GPU of the instance supports, ascending.
+
+        Raises:
+            BackendError: they cannot be read.
+        """
+
+    def set_clock(self, inst: Instance, clock_mhz: int) -> None:
+        """Lock the SM clock of the instance's GPUs.
+
+        Raises:
+            BackendError: the clock is not supported, or setting it failed.
+        """
+
+    def power_w(self, gpus: Sequence[int]) -> float:
+        """Measured power of ``gpus`` now (W).
+
+        Raises:
+            BackendError: it cannot be read.
+        """
+
+    def restore_clocks(self) -> None:
+        """Give every GPU whose clock the loops locked its default clocks back."""
+
+
 class SimulatedBackend:
     """An in-process twin: each wave takes ``wave_s`` seconds and changes nothing else.
 
     Args:
         wave_s: Wall-clock seconds one wave takes (0: instant).
         on_wave: Called with each completed wave (tests, telemetry).
+        fleet: The live twin engines the control loops read and set (default: one with no
+            load, created on first use).
     """
 
     name = "simulated"
 
     def __init__(
-        self, wave_s: float = 0.0, on_wave: Callable[[Sequence[Step]], None] | None = None
+        self,
+        wave_s: float = 0.0,
+        on_wave: Callable[[Sequence[Step]], None] | None = None,
+        fleet: TwinFleet | None = None,
     ) -> None:
         if wave_s < 0:
             raise ConfigError(f"wave_s must be >= 0, got {wave_s}")
         self.wave_s = wave_s
         self.on_wave = on_wave
+        self._fleet = fleet
+
+    @property
+    def fleet(self) -> TwinFleet:
+        """The live twin engines."""
+        if self._fleet is None:
+            from agent.twin import TwinFleet
+
+            self._fleet = TwinFleet()
+        return self._fleet
+
+    @property
+    def speed(self) -> float:
+        return self.fleet.speed
+
+    def control_now(self) -> tuple[float, datetime]:
+        return self.fleet.now()
+
+    def sync(self, instances: Sequence[Instance]) -> None:
+        self.fleet.sync(instances)
+
+    def metrics_url(self, inst: Instance) -> str:
+        return self.fleet.metrics_url(inst.instance_id)
+
+    def supported_clocks(self, inst: Instance) -> tuple[int, ...]:
+        return self.fleet.clocks_mhz
+
+    def set_clock(self, inst: Instance, clock_mhz: int) -> None:
+        try:
+            self.fleet.set_clock(inst.instance_id, clock_mhz)
+        except (KeyError, ValueError) as exc:
+            raise BackendError(f"{inst.instance_id}: {exc}") from exc
+
+    def power_w(self, gpus: Sequence[int]) -> float:
+        return self.fleet.power_w(gpus)
+
+    def restore_clocks(self) -> None:
+        """Nothing to restore: the twin's GPUs go with the agent."""
 
     def recover(self, instances: Sequence[Instance]) -> None:
         """Nothing to do: the twin's instances are the state's."""
@@ -97,7 +192,9 @@ class SimulatedBackend:
             self.on_wave(wave)
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Stop the twin's metrics endpoint."""
+        if self._fleet is not None:
+            self._fleet.close()
 
 
 def _nvml_error(action: str, gpu: int, exc: Exception) -> BackendError:
@@ -171,6 +268,9 @@ class NvmlBackend:
         self.start_grace_s = start_grace_s
         self.stop_timeout_s = stop_timeout_s
         self.base_port = base_port
+        self.speed = 1.0
+        self._locked: set[int] = set()  # GPUs whose clocks the control loops locked
+        self._supported: dict[int, tuple[int, ...]] = {}
         try:
             pynvml.nvmlInit()
             self.gpu_count = int(pynvml.nvmlDeviceGetCount())
@@ -222,6 +322,91 @@ class NvmlBackend:
             except pynvml.NVMLError as exc:
                 log.warning("could not reset GPU %d after a stop: %s", gpu, exc)
 
+    # --- the control loops -----------------------------------------------------------------
+
+    def control_now(self) -> tuple[float, datetime]:
+        return time.monotonic(), datetime.now(UTC)
+
+    def sync(self, instances: Sequence[Instance]) -> None:
+        """Nothing to learn: the serving processes are the instances."""
+
+    def port(self, instance_id: str) -> int:
+        """The port of an instance's serving engine (``{port}`` in the template)."""
+        return self.base_port + int("".join(ch for ch in instance_id if ch.isdigit()) or 0)
+
+    def metrics_url(self, inst: Instance) -> str:
+        return f"http://127.0.0.1:{self.port(inst.instance_id)}/metrics"
+
+    def _gpu_clocks(self, gpu: int) -> tuple[int, ...]:
+        cached = self._supported.get(gpu)
+        if cached is not None:
+            return cached
+        handle = self._handle(gpu)
+        try:
+            memory = max(pynvml.nvmlDeviceGetSupportedMemoryClocks(handle))
+            clocks = tuple(
+                sorted(
+                    {int(c) for c in pynvml.nvmlDeviceGetSupportedGraphicsClocks(handle, memory)}
+                )
+            )
+        except pynvml.NVMLError as exc:
+            log.info("GPU %d lists no supported clocks (%s): using its min/max", gpu, exc)
+            try:
+                low, high = pynvml.nvmlDeviceGetMinMaxClockOfPState(
+                    handle, pynvml.NVML_PSTATE_0, pynvml.NVML_CLOCK_GRAPHICS
+                )
+            except pynvml.NVMLError as exc2:
+                raise _nvml_error("read the supported clocks", gpu, exc2) from exc2
+            step = 15  # NVIDIA's data-center GPUs step their SM clock by 15 MHz
+            clocks = tuple(sorted({*range(int(low), int(high), step), int(high)}))
+        if not clocks or clocks[0] <= 0:
+            raise BackendError(f"GPU {gpu} reports no usable SM clocks ({clocks})")
+        self._supported[gpu] = clocks
+        return clocks
+
+    def supported_clocks(self, inst: Instance) -> tuple[int, ...]:
+        common: set[int] | None = None
+        for gpu in inst.gpus:
+            clocks = set(self._gpu_clocks(gpu))
+            common = clocks if common is None else common & clocks
+        if not common:
+            raise BackendError(f"the GPUs {inst.gpus} of {inst.instance_id} share no SM clock")
+        return tuple(sorted(common))
+
+    def set_clock(self, inst: Instance, clock_mhz: int) -> None:
+        if clock_mhz not in self.supported_clocks(inst):
+            raise BackendError(
+                f"{clock_mhz} MHz is not a supported SM clock of the GPUs {inst.gpus} of "
+                f"{inst.instance_id}"
+            )
+        for gpu in inst.gpus:
+            handle = self._handle(gpu)
+            try:
+                pynvml.nvmlDeviceSetGpuLockedClocks(handle, clock_mhz, clock_mhz)
+            except pynvml.NVMLError as exc:
+                raise _nvml_error(f"lock the SM clock at {clock_mhz} MHz", gpu, exc) from exc
+            self._locked.add(gpu)
+
+    def power_w(self, gpus: Sequence[int]) -> float:
+        total_mw = 0
+        for gpu in gpus:
+            try:
+                total_mw += int(pynvml.nvmlDeviceGetPowerUsage(self._handle(gpu)))
+            except pynvml.NVMLError as exc:
+                raise _nvml_error("read the power", gpu, exc) from exc
+        return total_mw / 1000.0
+
+    def restore_clocks(self) -> None:
+        """Reset the locked clocks of every GPU the loops touched (errors are logged)."""
+        for gpu in sorted(self._locked):
+            try:
+                pynvml.nvmlDeviceResetGpuLockedClocks(self._handle(gpu))
+            except (pynvml.NVMLError, BackendError) as exc:
+                log.warning("could not reset the locked clocks of GPU %d: %s", gpu, exc)
+                continue
+            log.info("GPU %d: locked clocks reset", gpu)
+        self._locked.clear()
+
     # --- processes ------------------------------------------------------------------------
 
     def _pid_file(self, instance_id: str) -> Path:
@@ -238,7 +423,6 @@ class NvmlBackend:
         """The argv that serves the instance of a start step."""
         config = step.target
         assert config is not None
-        number = int("".join(ch for ch in step.instance_id if ch.isdigit()) or 0)
         values = {
             "model": config.model,
             "tp": config.tp,
@@ -246,7 +430,7 @@ class NvmlBackend:
             "request_type": step.request_type,
             "instance_id": step.instance_id,
             "gpus": ",".join(str(g) for g in step.gpus),
-            "port": self.base_port + number,
+            "port": self.port(step.instance_id),
             "power_cap_w": config.power_cap_w,
             "clock_mhz": config.clock_mhz or "",
         }

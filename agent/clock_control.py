@@ -147,6 +147,9 @@ class ClockController:
             its SLO, see ``wattplan bench clock-loop``).
         min_change_interval_s: Least time between two lowering changes.
         settle_decisions: Decisions in a row a lower clock must be enough for.
+        max_lower_steps: Lower by at most this many supported clocks per change (None: to
+            the lowest feasible clock at once). 1 trades about half of the saving for SLO
+            attainment within one request of the maximum clock over the replayed hour.
         clock_mhz: Current clock (default: the highest supported).
     """
 
@@ -159,6 +162,7 @@ class ClockController:
     margin: float = 0.65
     min_change_interval_s: float = 5.0
     settle_decisions: int = 2
+    max_lower_steps: int | None = None
     clock_mhz: int | None = None
     _last_change_s: float = field(default=float("-inf"), init=False)
     _lower_streak: int = field(default=0, init=False)
@@ -172,6 +176,8 @@ class ClockController:
         if self.tbt_slo_s <= 0 or self.ttft_slo_s <= 0 or not 0 < self.margin <= 1:
             raise ValueError("SLOs must be > 0 and margin in (0, 1]")
         self.clocks_mhz = clocks
+        if self.max_lower_steps is not None and self.max_lower_steps < 1:
+            raise ValueError("max_lower_steps must be >= 1 or None")
         if self.clock_mhz is None:
             self.clock_mhz = clocks[-1]
         elif self.clock_mhz not in clocks:
@@ -206,6 +212,9 @@ class ClockController:
                 self._lower_streak >= self.settle_decisions
                 and now_s - self._last_change_s >= self.min_change_interval_s
             ):
+                if self.max_lower_steps is not None:
+                    step_down = self.clocks_mhz.index(current) - self.max_lower_steps
+                    target = max(target, self.clocks_mhz[max(0, step_down)])
                 return self._change(now_s, target, LOWER, snapshot)
             return ClockDecision(current, False, RATE_LIMITED, tbt_now, ttft_now)
         self._lower_streak = 0

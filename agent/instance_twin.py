@@ -265,17 +265,34 @@ def compare_with_max_clock(
     power: PowerModel | None = None,
     clocks_mhz: Sequence[int] = H100_CLOCKS_MHZ,
     poll_s: float = 0.5,
+    max_lower_steps: int | None = None,
+    prompt_percentile: float = 90.0,
+    margin: float = 0.65,
 ) -> dict[str, Any]:
-    """Energy and SLO attainment of the clock loop against the fixed maximum clock."""
+    """Energy and SLO attainment of the clock loop against the fixed maximum clock.
+
+    The loop projects prefills with a long prompt (the trace's ``prompt_percentile``; the
+    median under-projects bursts of long prompts: more TTFT misses, measured), keeps its
+    projections under ``margin`` x SLO and lowers by at most ``max_lower_steps`` clocks a
+    change (None: at once).
+    """
+    if not 0 <= prompt_percentile <= 100:
+        raise ValueError(f"prompt_percentile must be in [0, 100], not {prompt_percentile}")
     power = power or PowerModel()
-    # the loop projects prefills with a long prompt (the trace's 90th percentile): the
-    # median under-projects bursts of long prompts (more TTFT misses, measured)
-    prompt = float(np.percentile([r.prompt_tokens for r in trace], 90)) if trace else 0.0
+    prompt = (
+        float(np.percentile([r.prompt_tokens for r in trace], prompt_percentile)) if trace else 0.0
+    )
     fixed = replay(
         trace, model, power, ttft_slo_s=ttft_slo_s, tbt_slo_s=tbt_slo_s, clock_rule=max(clocks_mhz)
     )
     controller = ClockController(
-        model, clocks_mhz, tbt_slo_s=tbt_slo_s, ttft_slo_s=ttft_slo_s, prompt_tokens=prompt
+        model,
+        clocks_mhz,
+        tbt_slo_s=tbt_slo_s,
+        ttft_slo_s=ttft_slo_s,
+        prompt_tokens=prompt,
+        margin=margin,
+        max_lower_steps=max_lower_steps,
     )
     loop = replay(
         trace,
@@ -288,6 +305,12 @@ def compare_with_max_clock(
     )
     return {
         "requests": len(trace),
+        "loop": {
+            "max_lower_steps": max_lower_steps,
+            "prompt_percentile": prompt_percentile,
+            "margin": margin,
+            "poll_s": poll_s,
+        },
         "slo": {"ttft_s": ttft_slo_s, "tbt_mean_s": tbt_slo_s},
         "max_clock": _figures(fixed),
         "clock_loop": _figures(loop),
@@ -304,3 +327,160 @@ def _figures(r: ReplayResult) -> dict[str, Any]:
         "clock_changes": r.clock_changes,
         "time_share_by_clock_mhz": {str(k): v for k, v in r.clock_time_share.items() if v},
     }
+
+
+#: Typical (prompt, output) tokens of each DynamoLLM request type (input S/M/L, output
+#: S/M/L; bin edges 256/1024 and 100/350 tokens): mid-bin values, an assumption.
+TYPE_TOKENS: dict[str, tuple[int, int]] = {
+    f"{i}{o}": (p, q)
+    for i, p in (("S", 128), ("M", 640), ("L", 2048))
+    for o, q in (("S", 50), ("M", 220), ("L", 600))
+}
+
+
+def model_for_tp(tp: int, base: PerformanceModel = LLAMA70B_TP4_H100) -> PerformanceModel:
+    """``base`` (4 GPUs) scaled to ``tp`` GPUs: step times ~ 1/tp (an assumption: weights
+    and compute split evenly, communication ignored)."""
+    scale = 4.0 / max(tp, 1)
+    return PerformanceModel(
+        max_clock_mhz=base.max_clock_mhz,
+        tbt_base_s=base.tbt_base_s * scale,
+        tbt_per_seq_s=base.tbt_per_seq_s * scale,
+        prefill_base_s=base.prefill_base_s * scale,
+        prefill_per_token_s=base.prefill_per_token_s * scale,
+        decode_clock_sensitivity=base.decode_clock_sensitivity,
+    )
+
+
+@dataclass
+class _LiveRequest:
+    prompt_tokens: int
+    left: int
+
+
+class LiveInstance:
+    """One simulated engine driven by Poisson arrivals, advanced on demand to a time.
+
+    What the simulated backend of the agent runs per instance: :meth:`advance_to` serves
+    the requests that arrived up to a time (continuous batching as :func:`replay`),
+    :meth:`snapshot` is what its ``/metrics`` reports (vLLM's counters included),
+    :meth:`set_clock` locks a clock (with the stall), and the energy counter gives measured
+    power. Arrivals: a Poisson process at ``load_rps`` (changeable any time), each request
+    with ``prompt_tokens`` and ``output_tokens`` drawn around the given means
+    (exponential, at least 1).
+
+    Args:
+        model: Step times.
+        power: Power model.
+        clock_mhz: Starting clock.
+        load_rps: Arrival rate.
+        prompt_tokens: Mean prompt length.
+        output_tokens: Mean output length.
+        seed: Random seed of the arrivals.
+        start_s: Time the instance starts at.
+    """
+
+    def __init__(
+        self,
+        model: PerformanceModel,
+        power: PowerModel,
+        *,
+        clock_mhz: int,
+        load_rps: float = 0.0,
+        prompt_tokens: int = 640,
+        output_tokens: int = 220,
+        seed: int = 0,
+        start_s: float = 0.0,
+        max_batch: int = 64,
+    ) -> None:
+        if load_rps < 0:
+            raise ValueError(f"load_rps must be >= 0, not {load_rps}")
+        self.twin = InstanceTwin(model, power, clock_mhz=clock_mhz, max_batch=max_batch)
+        self.twin.now_s = start_s
+        self.model = model
+        self.prompt_tokens, self.output_tokens = prompt_tokens, output_tokens
+        self._rng = np.random.default_rng(seed)
+        self._load_rps = load_rps
+        self._next_arrival_s = self._draw_arrival(start_s)
+        self._requests: dict[int, _LiveRequest] = {}
+        self._next_id = 0
+        self.generation_tokens_total = 0.0
+        self.finished = 0
+
+    @property
+    def now_s(self) -> float:
+        return self.twin.now_s
+
+    @property
+    def load_rps(self) -> float:
+        return self._load_rps
+
+    def set_load(self, load_rps: float) -> None:
+        """Change the arrival rate from now on."""
+        if load_rps < 0:
+            raise ValueError(f"load_rps must be >= 0, not {load_rps}")
+        self._load_rps = load_rps
+        self._next_arrival_s = self._draw_arrival(self.twin.now_s)
+
+    def _draw_arrival(self, after_s: float) -> float:
+        if self._load_rps <= 0:
+            return float("inf")
+        return after_s + float(self._rng.exponential(1.0 / self._load_rps))
+
+    def _draw_tokens(self, mean: int) -> int:
+        return max(1, int(self._rng.exponential(mean)))
+
+    def set_clock(self, clock_mhz: int) -> None:
+        """Lock a clock (the engine stalls ``clock_change_s``)."""
+        self.twin.set_clock(clock_mhz)
+
+    def snapshot(self) -> EngineSnapshot:
+        """What the engine's ``/metrics`` reports now."""
+        base = self.twin.snapshot()
+        return EngineSnapshot(
+            running=base.running,
+            waiting=base.waiting,
+            kv_cache_usage=base.kv_cache_usage,
+            generation_tokens_total=self.generation_tokens_total,
+            prompt_tokens_total=base.prompt_tokens_total,
+        )
+
+    def advance_to(self, t_s: float, max_iterations: int = 1_000_000) -> None:
+        """Serve until ``t_s`` (the last iteration may end a little after it)."""
+        twin = self.twin
+        for _ in range(max_iterations):
+            while self._next_arrival_s <= twin.now_s:
+                rid = self._next_id
+                self._next_id += 1
+                self._requests[rid] = _LiveRequest(
+                    self._draw_tokens(self.prompt_tokens), self._draw_tokens(self.output_tokens)
+                )
+                twin.waiting.append(rid)
+                self._next_arrival_s = self._draw_arrival(self._next_arrival_s)
+            if twin.now_s >= t_s:
+                return
+            if not twin.waiting and not twin.running:
+                target = min(self._next_arrival_s, t_s)
+                twin._spend(max(target - twin.now_s, 0.0), False, prefill=False)
+                twin.now_s = max(twin.now_s, target)
+                continue
+            admitted: list[int] = []
+            while twin.waiting and len(twin.running) + len(admitted) < twin.max_batch:
+                admitted.append(twin.waiting.popleft())
+            prompts = [self._requests[i].prompt_tokens for i in admitted]
+            prefill_s = sum(self.model.prefill_s(p, twin.clock_mhz) for p in prompts)
+            twin.prompt_tokens_total += sum(prompts)
+            batch = len(twin.running) + len(admitted)
+            step_s = self.model.tbt_s(batch, twin.clock_mhz) + prefill_s
+            twin.running.extend(_Running(i, self._requests[i].left) for i in admitted)
+            twin._spend(step_s, True, prefill=bool(admitted))
+            self.generation_tokens_total += len(twin.running)
+            still = []
+            for r in twin.running:
+                r.left -= 1
+                if r.left > 0:
+                    still.append(r)
+                else:
+                    self._requests.pop(r.index, None)
+                    self.finished += 1
+            twin.running = still

@@ -68,6 +68,9 @@ ITEM_FIELDS: tuple[str, ...] = (
 _OPTIONAL_ITEM_FIELDS = frozenset({"clock_mhz"})
 #: Fields of a change-set body.
 REQUEST_FIELDS: tuple[str, ...] = ("version", "base_plan_id", "changes")
+#: Optional fields of a change-set body: the plan's runtime policy (``clock_policy`` and
+#: ``power_guard``, as :mod:`optimizer.result` writes them) for the control loops.
+OPTIONAL_REQUEST_FIELDS: tuple[str, ...] = ("policy",)
 #: Plans remembered for idempotency; older finished plans are forgotten first.
 PLAN_HISTORY = 1000
 #: Journal entries kept (steps the backend completed), oldest dropped first.
@@ -114,19 +117,28 @@ class ChangeRequest:
         version: The plan's version; must exceed every version the agent accepted before.
         base_plan_id: The plan the sender believes the cluster runs (``None``: none yet).
         changes: One item per slot; ``instances`` is the slot's target count.
+        policy: The plan's runtime policy (clock policy per pool, power guard per domain),
+            or ``None`` when the sender sent none (the control loops then run without floors
+            and without a power guard).
     """
 
     version: int
     base_plan_id: str | None
     changes: tuple[LayoutItem, ...] = ()
+    policy: Mapping[str, Any] | None = None
 
     @property
     def fingerprint(self) -> str:
         """Digest of the request, independent of the order of its changes."""
         items = [item_to_dict(item) for item in sorted(self.changes, key=item_sort_key)]
-        return digest(
-            {"version": self.version, "base_plan_id": self.base_plan_id, "changes": items}
-        )
+        body: dict[str, Any] = {
+            "version": self.version,
+            "base_plan_id": self.base_plan_id,
+            "changes": items,
+        }
+        if self.policy is not None:
+            body["policy"] = self.policy
+        return digest(body)
 
 
 @dataclass(frozen=True)
@@ -207,6 +219,12 @@ class AgentState:
     def applying(self) -> PlanRecord | None:
         """Return the plan being applied now, if any (there is at most one)."""
         return next((plan for plan in self.plans if plan.status == APPLYING), None)
+
+    @property
+    def policy(self) -> Mapping[str, Any] | None:
+        """The runtime policy of the plan the cluster runs (``None``: none, or it sent none)."""
+        record = self.plan(self.applied_plan_id) if self.applied_plan_id else None
+        return record.request.policy if record is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +341,8 @@ def parse_change_request(body: object) -> ChangeRequest:
 
     Args:
         body: The decoded JSON body: ``{"version": int, "base_plan_id": str | null,
-            "changes": [item, ...]}``.
+            "changes": [item, ...]}`` and optionally ``"policy": {...}`` (the plan's runtime
+            policy; an object).
 
     Returns:
         The validated request.
@@ -334,9 +353,11 @@ def parse_change_request(body: object) -> ChangeRequest:
     """
     if not isinstance(body, Mapping):
         raise _field_error("body", f"must be an object with fields {', '.join(REQUEST_FIELDS)}")
-    unknown = sorted(set(body) - set(REQUEST_FIELDS))
+    unknown = sorted(set(body) - set(REQUEST_FIELDS) - set(OPTIONAL_REQUEST_FIELDS))
     if unknown:
-        raise _field_error(unknown[0], f"unknown field; allowed: {REQUEST_FIELDS}")
+        raise _field_error(
+            unknown[0], f"unknown field; allowed: {REQUEST_FIELDS + OPTIONAL_REQUEST_FIELDS}"
+        )
     missing = [key for key in REQUEST_FIELDS if key not in body]
     if missing:
         raise _field_error(missing[0], "missing required field (use null for no base plan)")
@@ -356,7 +377,15 @@ def parse_change_request(body: object) -> ChangeRequest:
         if slot in seen:
             raise _field_error(f"changes[{i}]", f"names the same slot as changes[{seen[slot]}]")
         seen[slot] = i
-    return ChangeRequest(version=version, base_plan_id=base_plan_id, changes=changes)
+    policy = body.get("policy")
+    if policy is not None and not isinstance(policy, Mapping):
+        raise _field_error("policy", "must be an object (the plan's policy) or null")
+    return ChangeRequest(
+        version=version,
+        base_plan_id=base_plan_id,
+        changes=changes,
+        policy=dict(policy) if policy is not None else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -658,6 +687,7 @@ def state_to_dict(state: AgentState) -> dict[str, Any]:
                 "plan_version": plan.request.version,
                 "base_plan_id": plan.request.base_plan_id,
                 "changes": [item_to_dict(item) for item in plan.request.changes],
+                "policy": plan.request.policy,
                 "status": plan.status,
                 "accepted_at": plan.accepted_at.isoformat(),
                 "applied_at": _time(plan.applied_at),
@@ -700,6 +730,7 @@ def state_from_dict(raw: Mapping[str, Any]) -> AgentState:
                     "version": plan["plan_version"],
                     "base_plan_id": plan["base_plan_id"],
                     "changes": plan["changes"],
+                    "policy": plan.get("policy"),
                 }
             )
             plans.append(

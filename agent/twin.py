@@ -1,4 +1,12 @@
-"""GPU telemetry of the simulated backend: what the twin's instances would report.
+"""The simulated backend's twin: GPU telemetry per applied plan, and live engines.
+
+Live engines (:class:`TwinFleet`): one :class:`~agent.instance_twin.LiveInstance` per
+running instance, driven by Poisson arrivals, advanced to the fleet's clock whenever it is
+read; each serves vLLM-format ``/metrics`` on loopback (``/instances/<id>/metrics``), takes
+locked clocks and reports measured power: what the agent's clock loop and power guard
+(:mod:`agent.control`) read and set, as they would on GPUs.
+
+GPU telemetry per applied plan:
 
 When the simulated agent finishes applying a plan, it writes the GPU samples its running
 instances would produce over the plan's window (the plan's version is its window start) in
@@ -15,15 +23,32 @@ the twin with load; nothing here is a measurement.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from agent.instance_twin import (
+    H100_CLOCKS_MHZ,
+    TYPE_TOKENS,
+    LiveInstance,
+    PowerModel,
+    model_for_tp,
+)
+from agent.metrics import format_metrics
 from agent.rollout import Instance
 from telemetry.gpu import PART_SUFFIX, spool_file_name
 from telemetry.gpu_spool import SPOOL_HEADER, format_spool_line
+
+if TYPE_CHECKING:
+    from agent.control import WindowClockReplay
 
 
 @dataclass(frozen=True)
@@ -60,6 +85,8 @@ class TwinTelemetry:
         window_s: Length of the window a plan covers.
         interval_s: Seconds between two samples of a GPU.
         model: The readings.
+        clock_replay: Also replay the clock loop over each applied plan's window and record
+            its clock changes (:class:`agent.control.WindowClockReplay`).
     """
 
     def __init__(
@@ -70,7 +97,9 @@ class TwinTelemetry:
         window_s: int = 1800,
         interval_s: float = 10.0,
         model: TwinModel | None = None,
+        clock_replay: WindowClockReplay | None = None,
     ) -> None:
+        self.clock_replay = clock_replay
         if window_s <= 0 or interval_s <= 0:
             raise ValueError("window_s and interval_s must be positive")
         self.spool_dir = Path(spool_dir)
@@ -136,3 +165,222 @@ class TwinTelemetry:
             os.fsync(handle.fileno())
         os.replace(part, final)
         return final
+
+
+log = logging.getLogger(__name__)
+
+_METRICS_PATH = re.compile(r"/instances/([A-Za-z0-9_.:@+-]{1,256})/metrics")
+
+
+class TwinFleet:
+    """Live simulated engines of the running instances (see the module docstring).
+
+    The fleet's clock runs at ``speed`` times wall time from ``start`` (default: now), so a
+    test can compress minutes of load into seconds; the control loops scale their waits by
+    the same factor. Every read advances the engines to the fleet's clock.
+
+    Args:
+        load_rps: Arrival rate of each instance (:meth:`set_load` changes it).
+        speed: Simulated seconds per wall second.
+        start: Simulated time at the fleet's start (event times of clock changes).
+        seed: Seed of the arrivals (each instance gets its own stream).
+        clocks_mhz: Clocks the twin's GPUs support (H100 SXM: 800-1980 MHz).
+        now: Wall-clock source in seconds (tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        load_rps: float = 0.0,
+        speed: float = 1.0,
+        start: datetime | None = None,
+        seed: int = 0,
+        clocks_mhz: Sequence[int] = H100_CLOCKS_MHZ,
+        now: object = time.monotonic,
+    ) -> None:
+        if load_rps < 0 or speed <= 0:
+            raise ValueError("load_rps must be >= 0 and speed > 0")
+        self.speed = speed
+        self.clocks_mhz = tuple(sorted(clocks_mhz))
+        self._wall = now
+        self._t0 = float(now())  # type: ignore[operator]
+        self._start = start or datetime.now(UTC)
+        self._load = load_rps
+        self._seed = seed
+        self._lock = threading.RLock()
+        self._engines: dict[str, LiveInstance] = {}
+        self._gpus: dict[str, tuple[int, ...]] = {}
+        self._power_marks: dict[str, tuple[float, float]] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- time -----------------------------------------------------------------------------
+
+    def now_s(self) -> float:
+        """Simulated seconds since the fleet started."""
+        return (float(self._wall()) - self._t0) * self.speed  # type: ignore[operator]
+
+    def now(self) -> tuple[float, datetime]:
+        """``(seconds, datetime)`` of the fleet's clock."""
+        t = self.now_s()
+        return t, self._start + timedelta(seconds=t)
+
+    # --- instances ------------------------------------------------------------------------
+
+    def sync(self, instances: Sequence[Instance]) -> None:
+        """Start an engine for every new running instance; drop the stopped ones."""
+        with self._lock:
+            now = self.now_s()
+            wanted = {inst.instance_id: inst for inst in instances}
+            for gone in set(self._engines) - set(wanted):
+                del self._engines[gone]
+                self._gpus.pop(gone, None)
+                self._power_marks.pop(gone, None)
+            for iid, inst in wanted.items():
+                if iid in self._engines:
+                    continue
+                prompt, output = TYPE_TOKENS.get(inst.request_type, TYPE_TOKENS["MM"])
+                clock = inst.config.clock_mhz or self.clocks_mhz[-1]
+                clock = min(self.clocks_mhz, key=lambda c: abs(c - clock))
+                self._engines[iid] = LiveInstance(
+                    model_for_tp(inst.config.tp),
+                    PowerModel(gpus=len(inst.gpus) or inst.config.gpus),
+                    clock_mhz=clock,
+                    load_rps=self._load,
+                    prompt_tokens=prompt,
+                    output_tokens=output,
+                    seed=self._seed * 1_000_003 + int("".join(c for c in iid if c.isdigit()) or 0),
+                    start_s=now,
+                )
+                self._gpus[iid] = tuple(inst.gpus)
+
+    def set_load(self, load_rps: float, instance_id: str | None = None) -> None:
+        """Set the arrival rate of one instance, or of all (and of those started later)."""
+        if load_rps < 0:
+            raise ValueError(f"load_rps must be >= 0, not {load_rps}")
+        with self._lock:
+            self._advance()
+            if instance_id is None:
+                self._load = load_rps
+            for iid, engine in self._engines.items():
+                if instance_id is None or iid == instance_id:
+                    engine.set_load(load_rps)
+
+    def _advance(self) -> float:
+        now = self.now_s()
+        for engine in self._engines.values():
+            engine.advance_to(now)
+        return now
+
+    def _engine(self, instance_id: str) -> LiveInstance:
+        engine = self._engines.get(instance_id)
+        if engine is None:
+            raise KeyError(f"no simulated engine for instance {instance_id!r}")
+        return engine
+
+    def metrics_text(self, instance_id: str) -> str:
+        """The instance's ``/metrics`` body (vLLM names)."""
+        with self._lock:
+            self._advance()
+            engine = self._engine(instance_id)
+            return format_metrics(engine.snapshot(), f'model_name="twin-{instance_id}"')
+
+    def clock_mhz(self, instance_id: str) -> int:
+        """The clock the instance's GPUs run at."""
+        with self._lock:
+            return int(self._engine(instance_id).twin.clock_mhz)
+
+    def set_clock(self, instance_id: str, clock_mhz: int) -> None:
+        """Lock the instance's clock.
+
+        Raises:
+            ValueError: the clock is not one the twin's GPUs support.
+        """
+        if clock_mhz not in self.clocks_mhz:
+            raise ValueError(f"{clock_mhz} MHz is not a supported clock of the twin's GPUs")
+        with self._lock:
+            self._advance()
+            self._engine(instance_id).set_clock(clock_mhz)
+
+    def power_w(self, gpus: Sequence[int]) -> float:
+        """Measured power of ``gpus`` (W): each engine's energy since the previous reading
+        over the time since then, shared evenly over its GPUs."""
+        wanted = set(gpus)
+        with self._lock:
+            now = self._advance()
+            total = 0.0
+            for iid, engine in self._engines.items():
+                energy = engine.twin.energy_j
+                last = self._power_marks.get(iid)
+                self._power_marks[iid] = (now, energy)
+                share = len(wanted.intersection(self._gpus[iid])) / max(len(self._gpus[iid]), 1)
+                if share == 0:
+                    continue
+                if last is None or now - last[0] <= 0:
+                    watts = engine.twin.power.watts(
+                        engine.twin.clock_mhz,
+                        engine.model.max_clock_mhz,
+                        len(engine.twin.running),
+                        False,
+                    )
+                else:
+                    watts = (energy - last[1]) / (now - last[0])
+                total += share * watts
+            return total
+
+    def energy_j(self) -> Mapping[str, float]:
+        """Energy each engine used since it started."""
+        with self._lock:
+            self._advance()
+            return {iid: e.twin.energy_j for iid, e in self._engines.items()}
+
+    # --- the metrics endpoint -------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """Root of the metrics endpoint (starts it on first use)."""
+        if self._server is None:
+            self.start_server()
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
+        return f"http://{host}:{port}"
+
+    def metrics_url(self, instance_id: str) -> str:
+        """URL of the instance's ``/metrics``."""
+        return f"{self.base_url}/instances/{instance_id}/metrics"
+
+    def start_server(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Serve every engine's ``/metrics`` on ``host:port`` (0: any free port)."""
+        fleet = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+                match = _METRICS_PATH.fullmatch(self.path)
+                try:
+                    body = fleet.metrics_text(match.group(1)) if match else None
+                except KeyError:
+                    body = None
+                data = (body or "not found\n").encode()
+                self.send_response(200 if body is not None else 404)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="wattplan-twin-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the metrics endpoint."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -153,7 +153,11 @@ def plan_cluster() -> None:
             engine.dispose()
         try:
             result = push_layout(
-                ServingClusterHook(CLUSTER_CONN_ID), plan_id, plan.layout, jobs.plan_version(plan)
+                ServingClusterHook(CLUSTER_CONN_ID),
+                plan_id,
+                plan.layout,
+                jobs.plan_version(plan),
+                plan.policy or None,
             )
         except ClusterPermanentError as exc:  # refusals are final: no retry
             raise AirflowFailException(f"plan {plan_id}: {exc}") from exc

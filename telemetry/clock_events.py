@@ -14,6 +14,8 @@ One event per line::
      "controller": "clock-loop"}
 
 ``from_mhz`` is null when the previous clock is unknown (the first event after a start).
+Optional ``service`` and ``request_type`` name the instance's pool (the agent writes them;
+reports count changes per pool and window with them).
 Bad lines are rejected with a reason (nothing raised, nothing dropped silently), as for the
 other telemetry formats (docs/telemetry.md).
 """
@@ -53,6 +55,8 @@ class ClockChange:
     to_mhz: int
     reason: str
     controller: str
+    service: str | None = None
+    request_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,18 +85,20 @@ def format_clock_line(change: ClockChange) -> str:
     """
     if change.changed_at.tzinfo is None:
         raise ValueError("changed_at must be aware (UTC)")
-    return json.dumps(
-        {
-            "instance_id": change.instance_id,
-            "changed_at": change.changed_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            "node": change.node,
-            "from_mhz": change.from_mhz,
-            "to_mhz": change.to_mhz,
-            "reason": change.reason,
-            "controller": change.controller,
-        },
-        separators=(",", ":"),
-    )
+    obj: dict[str, Any] = {
+        "instance_id": change.instance_id,
+        "changed_at": change.changed_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "node": change.node,
+        "from_mhz": change.from_mhz,
+        "to_mhz": change.to_mhz,
+        "reason": change.reason,
+        "controller": change.controller,
+    }
+    if change.service is not None:
+        obj["service"] = change.service
+    if change.request_type is not None:
+        obj["request_type"] = change.request_type
+    return json.dumps(obj, separators=(",", ":"))
 
 
 def parse_clock_file(path: Path) -> ParsedClockFile:
@@ -163,6 +169,8 @@ def _change(obj: Any) -> ClockChange:
         to_mhz=_clock(obj, "to_mhz", required=True),  # type: ignore[arg-type]
         reason=reason,
         controller=controller,
+        service=_name(obj, "service") if obj.get("service") is not None else None,
+        request_type=_name(obj, "request_type") if obj.get("request_type") is not None else None,
     )
 
 

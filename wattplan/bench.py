@@ -364,9 +364,21 @@ def _clock_loop(args: argparse.Namespace) -> int:
 
     if args.minutes <= 0 or args.instances < 1:
         raise SystemExit("wattplan bench clock-loop: --minutes must be > 0 and --instances >= 1")
+    if args.lower_steps is not None and args.lower_steps < 1:
+        raise SystemExit("wattplan bench clock-loop: --lower-steps must be >= 1")
+    if not 0 <= args.prompt_percentile <= 100 or not 0 < args.margin <= 1:
+        raise SystemExit(
+            "wattplan bench clock-loop: --prompt-percentile must be in [0, 100] and --margin "
+            "in (0, 1]"
+        )
     _progress(sys.stderr, f"replaying {args.minutes:g} min of {args.trace.name} ...")
     trace = load_azure_trace(args.trace, minutes=args.minutes, every=args.instances)
-    figures = compare_with_max_clock(trace)
+    figures = compare_with_max_clock(
+        trace,
+        max_lower_steps=args.lower_steps,
+        prompt_percentile=args.prompt_percentile,
+        margin=args.margin,
+    )
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
@@ -551,6 +563,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=2,
         help="instances behind a round-robin router; one is replayed (default 2)",
+    )
+    clock.add_argument(
+        "--lower-steps",
+        type=int,
+        default=None,
+        help="lower the clock by at most this many supported clocks per change (default: "
+        "straight to the lowest feasible clock)",
+    )
+    clock.add_argument(
+        "--prompt-percentile",
+        type=float,
+        default=90.0,
+        help="percentile of the trace's prompt lengths the loop projects prefills with (90)",
+    )
+    clock.add_argument(
+        "--margin",
+        type=float,
+        default=0.65,
+        help="the loop keeps its projections under this fraction of the SLOs (0.65)",
     )
     clock.add_argument("--json", action="store_true", help="print the figures as JSON")
     solve = sub.add_parser(

@@ -5,7 +5,8 @@ ingests the bundled Azure 2023 traces interval by interval up to the first plann
 then plans two windows (forecast -> Pyomo/HiGHS -> store -> approve -> push over HTTP to a
 reference cluster agent on loopback -> verify -> record), each followed by the ingest of its
 window, which loads the request logs and the GPU telemetry the simulated agent wrote for the
-applied layout; refreshes the report views and renders their plots
+applied layout and the clock changes of its clock loop replayed on twin engines; refreshes
+the report views and renders their plots
 (report_daily); and prints a report and where the plots are.
 """
 
@@ -81,6 +82,10 @@ def _airflow_migrate(env: dict[str, str], log_path: Path) -> None:
         raise WattplanError(f"`airflow db migrate` failed; see {log_path}")
 
 
+#: Seconds of each plan window over which the twin replays the clock loop (the demo's time).
+DEMO_CLOCK_REPLAY_S = 300.0
+
+
 def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
     """Run the demo; return the process exit code."""
     from wattplan.timefmt import floor_to
@@ -111,13 +116,24 @@ def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
     progress.done(f"{len(applied)} wattplan migration(s) applied; Airflow migrated")
 
     progress.start("starting the reference cluster agent on loopback")
+    from agent.control import ControlSettings, WindowClockReplay
     from agent.server import run_in_thread
     from agent.twin import TwinTelemetry
 
     token = secrets.token_urlsafe(16)
     # The simulated agent writes the GPU samples of each applied plan's window into the
-    # spool folder the ingest DAG reads: the loop closes without GPUs.
-    twin = TwinTelemetry(settings.gpu_spool_dir, settings.cluster, window_s=settings.window_s)
+    # spool folder the ingest DAG reads, and replays its clock loop over the first minutes
+    # of the window on twin engines into the clock-change spool: the loop closes without GPUs.
+    clock_replay = WindowClockReplay(
+        ControlSettings(clock_spool_dir=settings.clock_spool_dir, node=f"twin-{settings.cluster}"),
+        replay_s=DEMO_CLOCK_REPLAY_S,
+    )
+    twin = TwinTelemetry(
+        settings.gpu_spool_dir,
+        settings.cluster,
+        window_s=settings.window_s,
+        clock_replay=clock_replay,
+    )
     base_url, stop_agent = run_in_thread(
         cluster=settings.cluster,
         token=token,
@@ -168,8 +184,8 @@ def run_demo(settings: Settings, *, keep_running: bool = False) -> int:
 
         progress.start(
             f"closed loop: plan_cluster for {len(plan_starts)} windows (forecast, MILP, approve, "
-            "push, verify), each followed by telemetry_ingest of its window (request logs and "
-            "the agent's GPU telemetry)"
+            "push, verify), each followed by telemetry_ingest of its window (request logs, the "
+            "agent's GPU telemetry and clock changes)"
         )
         for window_start in plan_starts:
             # The demo plays the operator: a plan the policy leaves to a person (a degraded
@@ -250,6 +266,24 @@ def _print_reports(settings: Settings, url: str, agent_url: str, token: str) -> 
             print(
                 f"      {plan_id}: {samples} GPU samples from the agent's twin loaded, "
                 f"{float(energy_j) / 3.6e6:.3f} kWh in instance_windows"
+            )
+        for plan_id in plan_ids:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT service, request_type, clock_changes, instances_changed, lowered,"
+                    " raised, lowest_mhz, highest_mhz FROM report_clock_windows"
+                    " WHERE plan_id = :p ORDER BY service, request_type"
+                ),
+                {"p": plan_id},
+            ).all()
+            total = sum(r[2] for r in rows)
+            down, up = sum(r[4] for r in rows), sum(r[5] for r in rows)
+            low = min((r[6] for r in rows), default=None)
+            pools = ", ".join(f"{r[0]}/{r[1]} {r[2]}" for r in rows)
+            print(
+                f"      {plan_id}: {total} clock changes loaded ({down} down, {up} up, lowest "
+                f"{low} MHz; the twin's clock loop over the first "
+                f"{DEMO_CLOCK_REPLAY_S / 60:.0f} min of the window); per pool: {pools or '-'}"
             )
         layout = httpx.get(
             f"{agent_url}/v1/layout", headers={"Authorization": f"Bearer {token}"}, timeout=5

@@ -32,6 +32,8 @@ COLUMNS = (
     "reason",
     "controller",
     "source",
+    "service",
+    "request_type",
 )
 
 
@@ -86,7 +88,18 @@ def load_clock_changes(
         "clock_changes",
         COLUMNS,
         (
-            (c.instance_id, c.changed_at, c.node, c.from_mhz, c.to_mhz, c.reason, c.controller, f)
+            (
+                c.instance_id,
+                c.changed_at,
+                c.node,
+                c.from_mhz,
+                c.to_mhz,
+                c.reason,
+                c.controller,
+                f,
+                c.service,
+                c.request_type,
+            )
             for c, f in rows
         ),
     )

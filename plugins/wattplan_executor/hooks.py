@@ -238,6 +238,7 @@ class ServingClusterHook(BaseHook):
         base_plan_id: str | None,
         changes: Sequence[Mapping[str, Any]],
         version: int,
+        policy: Mapping[str, Any] | None = None,
     ) -> str:
         """Send target-count changes under ``plan_id`` (the idempotency key).
 
@@ -246,6 +247,8 @@ class ServingClusterHook(BaseHook):
             base_plan_id: The plan the cluster ran when the changes were computed.
             changes: Items whose ``instances`` is the slot's target count.
             version: The plan's version; the cluster refuses one not above the last it took.
+            policy: The plan's runtime policy (clock policy, power guard) for the cluster's
+                control loops; not sent when ``None``.
 
         Returns:
             The plan's status: ``applying`` or ``applied``.
@@ -257,15 +260,14 @@ class ServingClusterHook(BaseHook):
             ClusterInvalidError: the cluster rejected the changes (bad field, too many GPUs).
             ClusterAuthError: the token is missing or wrong.
         """
-        body = self._request(
-            "POST",
-            f"/v1/plans/{quote(plan_id, safe='')}/changes",
-            {
-                "version": version,
-                "base_plan_id": base_plan_id,
-                "changes": [dict(change) for change in changes],
-            },
-        )
+        payload: dict[str, Any] = {
+            "version": version,
+            "base_plan_id": base_plan_id,
+            "changes": [dict(change) for change in changes],
+        }
+        if policy is not None:
+            payload["policy"] = dict(policy)
+        body = self._request("POST", f"/v1/plans/{quote(plan_id, safe='')}/changes", payload)
         return _status(body)
 
     def get_plan_status(self, plan_id: str) -> str:

@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def push_layout(
-    hook: ServingClusterHook, plan_id: str, desired: Layout, version: int
+    hook: ServingClusterHook,
+    plan_id: str,
+    desired: Layout,
+    version: int,
+    policy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Read what the cluster runs, diff it against ``desired`` and send only the difference.
 
@@ -39,6 +43,8 @@ def push_layout(
         plan_id: Id of the approved plan.
         desired: The plan's layout.
         version: The plan's version (``wattplan.jobs.plan_version``: its window start).
+        policy: The plan's runtime policy, sent with the changes for the cluster's control
+            loops (with an empty diff nothing is sent and the cluster keeps its policy).
 
     Returns:
         ``{"plan_id", "changes": <changes sent>, "status": "applying" | "applied"}``.
@@ -52,7 +58,7 @@ def push_layout(
     if not changes:
         log.info("cluster already runs the layout of plan %s (as plan %s)", plan_id, base_plan_id)
         return {"plan_id": plan_id, "changes": 0, "status": "applied"}
-    status = hook.push_changes(plan_id, base_plan_id, changes, version)
+    status = hook.push_changes(plan_id, base_plan_id, changes, version, policy)
     log.info(
         "plan %s: sent %d changes on top of plan %s: %s",
         plan_id,

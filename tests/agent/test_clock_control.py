@@ -108,3 +108,22 @@ def test_bad_configuration_is_refused() -> None:
         controller(clocks_mhz=[])
     with pytest.raises(ValueError, match="sensitivity"):
         PerformanceModel(1980, 0.02, 0.0005, 0.01, 0.0001, decode_clock_sensitivity=1.5)
+
+
+def test_max_lower_steps_walks_down_one_supported_clock_per_change() -> None:
+    c = controller(max_lower_steps=1)
+    light = EngineSnapshot(running=8, waiting=0)
+    target = lowest_ok(8, 0)
+    assert target <= CLOCKS[-3]  # several steps below the maximum
+    seen = []
+    for k in range(40):
+        d = c.decide(5.0 * k, light)
+        if d.changed:
+            assert d.reason == LOWER
+            seen.append(d.clock_mhz)
+    assert seen == [f for f in reversed(CLOCKS[:-1]) if f >= target]
+    # a raise is not limited: a queue jumps straight to the maximum
+    jam = c.decide(1000.0, EngineSnapshot(running=60, waiting=40))
+    assert (jam.clock_mhz, jam.reason) == (1980, DEADLINE)
+    with pytest.raises(ValueError, match="max_lower_steps"):
+        controller(max_lower_steps=0)
