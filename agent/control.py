@@ -27,6 +27,7 @@ and the open event file is closed so that it can be ingested.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +49,7 @@ from agent.instance_twin import (
     model_for_tp,
 )
 from agent.metrics import EngineSnapshot, MetricsError, fetch_snapshot
+from agent.performance import instance_performance
 from agent.power_guard import PoolClocks, PowerDomain, PowerGuard
 from agent.rollout import Instance
 from agent.state import StateStore
@@ -59,6 +61,8 @@ log = logging.getLogger(__name__)
 #: Prompt length the loop projects prefills with, by the input class of the request type
 #: (the top of DynamoLLM's input bins; a long prompt: the median under-projects bursts).
 PROJECTED_PROMPT_TOKENS: Mapping[str, int] = {"S": 256, "M": 1024, "L": 4096}
+#: (TTFT, mean TBT) SLOs of an instance the profile model does not know.
+FALLBACK_SLOS_S = (1.0, 0.075)
 #: Seconds between two warnings about one instance's unreadable metrics.
 METRICS_WARN_EVERY_S = 60.0
 
@@ -71,8 +75,10 @@ class ControlSettings:
         poll_s: Seconds between two reads of each instance's metrics.
         min_change_interval_s: Least seconds between two lowering changes of an instance.
         guard_interval_s: Seconds between two power readings of a domain.
-        ttft_slo_s: SLO on the time to first token the loop keeps.
-        tbt_slo_s: SLO on the (mean) time between tokens the loop keeps.
+        ttft_slo_s: SLO on the time to first token the loop keeps (``None``: the profile
+            model's SLO of the instance's request type, see ``agent/performance.py``).
+        tbt_slo_s: SLO on the (mean) time between tokens the loop keeps (``None``: as
+            above).
         margin: Projections must stay under ``margin`` x SLO (``ClockController``).
         max_lower_steps: Lower by at most this many supported clocks per change (None: to
             the lowest feasible clock at once; see docs/control.md for the trade-off).
@@ -82,14 +88,16 @@ class ControlSettings:
         grace_s: The guard's grace period above the budget.
         clock_spool_dir: Where clock-change events go (``None``: not recorded).
         node: Node name written with each event.
-        base_model: Performance model of a 4-GPU instance; other TPs are scaled from it.
+        base_model: Performance model of a 4-GPU instance, other TPs scaled from it, for
+            instances whose model or GPU type the profile model does not know (with the
+            fallback SLOs ``FALLBACK_SLOS_S``).
     """
 
     poll_s: float = 0.5
     min_change_interval_s: float = 5.0
     guard_interval_s: float = 1.0
-    ttft_slo_s: float = 1.0
-    tbt_slo_s: float = 0.075
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
     margin: float = 0.65
     max_lower_steps: int | None = None
     metrics_timeout_s: float = 1.0
@@ -101,7 +109,7 @@ class ControlSettings:
 
     def __post_init__(self) -> None:
         for name in ("poll_s", "guard_interval_s", "ttft_slo_s", "tbt_slo_s", "grace_s"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"control setting {name} must be > 0, not {getattr(self, name)}")
         if self.min_change_interval_s < 0:
             raise ConfigError(
@@ -218,6 +226,38 @@ def guard_domains(
     return out
 
 
+def instance_model(
+    inst: Instance, settings: ControlSettings
+) -> tuple[PerformanceModel, tuple[float, float]]:
+    """The performance model and (TTFT, TBT) SLOs the loop uses for an instance.
+
+    From the profile model (``agent/performance.py``) when it knows the instance's model,
+    GPU type and request type; otherwise ``settings.base_model`` scaled to the TP, with
+    ``FALLBACK_SLOS_S`` (logged once per configuration). Explicit SLO settings win.
+    """
+    perf = instance_performance(inst.config, inst.request_type)
+    if perf is None:
+        _warn_fallback(inst.config.key, inst.request_type)
+        model, slos = model_for_tp(inst.config.tp, settings.base_model), FALLBACK_SLOS_S
+    else:
+        model, slos = perf.model, (perf.ttft_slo_s, perf.tbt_slo_s)
+    return model, (
+        settings.ttft_slo_s if settings.ttft_slo_s is not None else slos[0],
+        settings.tbt_slo_s if settings.tbt_slo_s is not None else slos[1],
+    )
+
+
+@functools.cache
+def _warn_fallback(config_key: str, request_type: str) -> None:
+    log.warning(
+        "no profile model for %s serving %s: the clock loop uses the fallback performance "
+        "model and SLOs %s",
+        config_key,
+        request_type,
+        FALLBACK_SLOS_S,
+    )
+
+
 def make_controller(
     inst: Instance, clocks: Sequence[int], settings: ControlSettings
 ) -> ClockController:
@@ -225,11 +265,12 @@ def make_controller(
     clocks = sorted(clocks)
     start = inst.config.clock_mhz or clocks[-1]
     start = max((c for c in clocks if c <= start), default=clocks[0])
+    model, (ttft_slo, tbt_slo) = instance_model(inst, settings)
     return ClockController(
-        model_for_tp(inst.config.tp, settings.base_model),
+        model,
         clocks,
-        tbt_slo_s=settings.tbt_slo_s,
-        ttft_slo_s=settings.ttft_slo_s,
+        tbt_slo_s=tbt_slo,
+        ttft_slo_s=ttft_slo,
         prompt_tokens=PROJECTED_PROMPT_TOKENS.get(inst.request_type[:1], 1024),
         margin=settings.margin,
         min_change_interval_s=settings.min_change_interval_s,
@@ -663,7 +704,7 @@ class WindowClockReplay:
             controller.policy = floors.get(_instance_pool(inst), ClockPolicy())
             prompt, output = TYPE_TOKENS.get(inst.request_type, TYPE_TOKENS["MM"])
             engine = LiveInstance(
-                model_for_tp(inst.config.tp, self.settings.base_model),
+                instance_model(inst, self.settings)[0],
                 PowerModel(gpus=len(inst.gpus) or inst.config.gpus),
                 clock_mhz=int(controller.clock_mhz or max(clocks_mhz)),
                 load_rps=loads[inst.instance_id],

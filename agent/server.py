@@ -215,13 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between two power readings of a power domain (1)",
     )
     control.add_argument(
-        "--ttft-slo-s", type=float, default=1.0, help="TTFT SLO the clock loop keeps (1.0)"
+        "--ttft-slo-s",
+        type=float,
+        default=None,
+        help="TTFT SLO the clock loop keeps (default: the profile model's SLO of each "
+        "pool's request type; 1.0 for a model the profiles do not know)",
     )
     control.add_argument(
         "--tbt-slo-s",
         type=float,
-        default=0.075,
-        help="mean time-between-tokens SLO the clock loop keeps (0.075)",
+        default=None,
+        help="mean time-between-tokens SLO the clock loop keeps (default: as for "
+        "--ttft-slo-s; 0.075 for a model the profiles do not know)",
     )
     control.add_argument(
         "--power-domain",

@@ -43,6 +43,7 @@ from agent.instance_twin import (
     model_for_tp,
 )
 from agent.metrics import format_metrics
+from agent.performance import instance_performance
 from agent.rollout import Instance
 from telemetry.gpu import PART_SUFFIX, spool_file_name
 from telemetry.gpu_spool import SPOOL_HEADER, format_spool_line
@@ -242,8 +243,9 @@ class TwinFleet:
                 prompt, output = TYPE_TOKENS.get(inst.request_type, TYPE_TOKENS["MM"])
                 clock = inst.config.clock_mhz or self.clocks_mhz[-1]
                 clock = min(self.clocks_mhz, key=lambda c: abs(c - clock))
+                perf = instance_performance(inst.config, inst.request_type)
                 self._engines[iid] = LiveInstance(
-                    model_for_tp(inst.config.tp),
+                    perf.model if perf is not None else model_for_tp(inst.config.tp),
                     PowerModel(gpus=len(inst.gpus) or inst.config.gpus),
                     clock_mhz=clock,
                     load_rps=self._load,

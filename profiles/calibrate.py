@@ -266,7 +266,7 @@ def profile_record(
     )
 
 
-def _lengths(data_dir: Path) -> dict[str, tuple[float, float]]:
+def type_lengths(data_dir: Path) -> dict[str, tuple[float, float]]:
     lengths = representative_lengths(read_azure_requests(data_dir), RequestTypeBins())
     lengths[LONG_CONTEXT_TYPE] = (float(LC_PROMPT_TOKENS), float(LC_OUTPUT_TOKENS))
     return lengths
@@ -326,7 +326,7 @@ def _configs(
             yield replace(gang, clock_mhz=clock), (LONG_CONTEXT_TYPE,)
 
 
-def _slos(
+def type_slos(
     calibration: Calibration,
     model: str,
     shape: TransformerShape,
@@ -382,10 +382,10 @@ def build_default_records(
     """
     calibration = calibration or calibrate(data_dir)
     policy = slo_policy or SloPolicy()
-    lengths = _lengths(data_dir)
+    lengths = type_lengths(data_dir)
     records: list[ProfileRecord] = []
     for model, shape in MODELS.items():
-        slos = _slos(calibration, model, shape, lengths, policy)
+        slos = type_slos(calibration, model, shape, lengths, policy)
         for gpu_name in GPUS:
             cal = calibration.gpus[gpu_name]
             source = SOURCE.format(hardware=SPLITWISE_NAME[gpu_name], power=POWER_SOURCE[gpu_name])

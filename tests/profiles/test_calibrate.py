@@ -185,9 +185,9 @@ def test_long_context_gangs_are_sized_by_kv_memory_and_the_tbt_slo(
 def test_capacity_never_beats_all_slots_decoding_back_to_back(
     records: list[ProfileRecord], calibration: Calibration
 ) -> None:
-    from profiles.calibrate import MAX_BATCH, _lengths
+    from profiles.calibrate import MAX_BATCH, type_lengths
 
-    lengths = _lengths(DATA_DIR)
+    lengths = type_lengths(DATA_DIR)
     for r in records[::17]:
         p, c = r.profile, r.profile.config
         prompt, output = lengths[p.request_type]
