@@ -15,7 +15,9 @@ Both backends also serve the control loops (:mod:`agent.control`, the
 the nvml one through the instances' serving engines (``http://127.0.0.1:{port}/metrics``),
 ``nvmlDeviceSetGpuLockedClocks`` (never outside the GPU's supported clocks),
 ``nvmlDeviceGetPowerUsage``, and ``nvmlDeviceResetGpuLockedClocks`` for every GPU the loops
-touched when the agent stops.
+touched when the agent stops. The GPUs the loops locked are also listed in
+``<run dir>/clock-locks.json``, so an agent killed without a chance to reset them (SIGKILL,
+power loss) resets them when it starts again.
 
 Every step is idempotent (a process already running for the instance is kept, a stopped
 one is not stopped twice, clock settings are absolute), because a wave interrupted by a
@@ -25,6 +27,7 @@ restart of the agent is run again from the start.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -279,6 +282,36 @@ class NvmlBackend:
                 f"NVML is not available ({exc}): the nvml backend runs on a GPU node with the "
                 "NVIDIA driver; use --backend simulated elsewhere"
             ) from exc
+        self._locks_file = self.run_dir / "clock-locks.json"
+        self._reset_leftover_locks()
+
+    def _reset_leftover_locks(self) -> None:
+        """Reset the clocks a previous agent locked and could not reset (it was killed)."""
+        if not self._locks_file.exists():
+            return
+        try:
+            leftover = [int(g) for g in json.loads(self._locks_file.read_text())["gpus"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "%s is unreadable (%s): resetting every GPU's locked clocks", self._locks_file, exc
+            )
+            leftover = list(range(self.gpu_count))
+        self._locked = {g for g in leftover if 0 <= g < self.gpu_count}
+        if self._locked:
+            log.warning(
+                "GPUs %s still have the clocks a previous agent locked: resetting them",
+                sorted(self._locked),
+            )
+        self.restore_clocks()
+
+    def _save_locks(self) -> None:
+        """List the GPUs the loops locked (atomically), or remove the list when none are."""
+        if not self._locked:
+            self._locks_file.unlink(missing_ok=True)
+            return
+        part = self._locks_file.with_suffix(".part")
+        part.write_text(json.dumps({"gpus": sorted(self._locked)}))
+        os.replace(part, self._locks_file)
 
     def _fields(self, template: str) -> None:
         try:
@@ -385,7 +418,9 @@ class NvmlBackend:
                 pynvml.nvmlDeviceSetGpuLockedClocks(handle, clock_mhz, clock_mhz)
             except pynvml.NVMLError as exc:
                 raise _nvml_error(f"lock the SM clock at {clock_mhz} MHz", gpu, exc) from exc
-            self._locked.add(gpu)
+            if gpu not in self._locked:
+                self._locked.add(gpu)
+                self._save_locks()
 
     def power_w(self, gpus: Sequence[int]) -> float:
         total_mw = 0
@@ -397,15 +432,19 @@ class NvmlBackend:
         return total_mw / 1000.0
 
     def restore_clocks(self) -> None:
-        """Reset the locked clocks of every GPU the loops touched (errors are logged)."""
+        """Reset the locked clocks of every GPU the loops touched (errors are logged, and
+        such GPUs stay listed so that the next start tries again)."""
+        failed = set()
         for gpu in sorted(self._locked):
             try:
                 pynvml.nvmlDeviceResetGpuLockedClocks(self._handle(gpu))
             except (pynvml.NVMLError, BackendError) as exc:
                 log.warning("could not reset the locked clocks of GPU %d: %s", gpu, exc)
+                failed.add(gpu)
                 continue
             log.info("GPU %d: locked clocks reset", gpu)
-        self._locked.clear()
+        self._locked = failed
+        self._save_locks()
 
     # --- processes ------------------------------------------------------------------------
 

@@ -338,6 +338,36 @@ def test_nvml_clock_is_never_set_outside_the_supported_list(
     ]
 
 
+def test_nvml_clocks_left_locked_by_a_killed_agent_are_reset_at_the_next_start(
+    tmp_path: Path, run_dir: Path, nvml: mock.MagicMock
+) -> None:
+    from agent.rollout import Instance
+    from agent.state import parse_item
+
+    backend = NvmlBackend("sleep 1", run_dir)
+    config = parse_item(_item("chat", "SS", 1, tp=2)).config
+    backend.set_clock(Instance("i00003", "chat", "SS", config, (2, 3)), 1410)
+    assert json.loads((run_dir / "clock-locks.json").read_text()) == {"gpus": [2, 3]}
+    del backend  # killed: restore_clocks never runs
+    assert not nvml.nvmlDeviceResetGpuLockedClocks.called
+
+    NvmlBackend("sleep 1", run_dir)  # the next agent on this node
+    resets = sorted(c.args[0] for c in nvml.nvmlDeviceResetGpuLockedClocks.call_args_list)
+    assert resets == ["gpu2", "gpu3"]
+    assert not (run_dir / "clock-locks.json").exists()
+
+    # A GPU that cannot be reset stays listed for the start after that.
+    again = NvmlBackend("sleep 1", run_dir)
+    again.set_clock(Instance("i00004", "chat", "SS", config, (4, 5)), 1410)
+    nvml.nvmlDeviceResetGpuLockedClocks.side_effect = lambda h: (
+        (_ for _ in ()).throw(pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION))
+        if h == "gpu5"
+        else None
+    )
+    again.restore_clocks()
+    assert json.loads((run_dir / "clock-locks.json").read_text()) == {"gpus": [5]}
+
+
 # --- the power guard in the agent --------------------------------------------------------------
 
 BUDGET_W = 2000.0
