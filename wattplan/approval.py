@@ -202,6 +202,66 @@ class Figures:
     unprofiled: tuple[str, ...] = ()
 
 
+def _route(
+    peak_rps: Mapping[Pool, float], capacity: Mapping[Pool, float]
+) -> tuple[dict[Pool, float], dict[Pool, dict[Pool, float]], set[Pool]]:
+    """Where each type's peak goes, as the optimizer plans it (``optimizer/inputs.py``).
+
+    A pool first carries its own type up to its SLO capacity; what it cannot carry spills
+    to pools of a componentwise-larger type of the same service with spare capacity
+    (smallest such type first, smaller types spilling first), counted at that pool's own
+    capacity, which the profiles make the conservative one. What finds no room stays with
+    its own pool, or, without one, stays unserved.
+
+    Returns:
+        The peak each pool carries; per source pool the share of its load sent to each
+        pool (itself included), which its mean load follows; the pools with load left
+        that no pool carries (no own pool, no room above).
+    """
+    from optimizer.inputs import larger_or_equal
+
+    def size(pool: Pool) -> tuple[int, str]:
+        return (sum("SML".find(c) for c in pool[1] if c in "SML"), pool[1])
+
+    carried = {pool: min(rate, capacity.get(pool, 0.0)) for pool, rate in peak_rps.items()}
+    unserved: set[Pool] = set()
+    shares: dict[Pool, dict[Pool, float]] = {
+        pool: {pool: carried[pool]} for pool in peak_rps if carried[pool] > 0
+    }
+    for pool in sorted(peak_rps, key=lambda p: (p[0], size(p))):
+        left = peak_rps[pool] - carried[pool]
+        targets = sorted(
+            (
+                q
+                for q in capacity
+                if q[0] == pool[0] and q != pool and larger_or_equal(pool[1], q[1])
+            ),
+            key=size,
+        )
+        for target in targets:
+            if left <= 1e-12:
+                break
+            moved = min(left, capacity[target] - carried.get(target, 0.0))
+            if moved > 0:
+                carried[target] = carried.get(target, 0.0) + moved
+                shares.setdefault(pool, {})[target] = moved
+                left -= moved
+        if left > 1e-12 and capacity.get(pool, 0.0) > 0:  # over capacity where it is
+            carried[pool] += left
+            shares.setdefault(pool, {})[pool] = shares.get(pool, {}).get(pool, 0.0) + left
+        elif left > 1e-12:
+            unserved.add(pool)
+    return (
+        carried,
+        {
+            pool: {q: v / peak_rps[pool] for q, v in sent.items()}
+            for pool, sent in shares.items()
+            if peak_rps[pool] > 0
+        },
+        unserved,
+    )
+
+
 def evaluate_layout(
     layout: Layout,
     *,
@@ -213,9 +273,11 @@ def evaluate_layout(
 ) -> Figures:
     """Estimate a layout's figures at the forecast load.
 
-    Each pool's load is split over its instances in proportion to their SLO capacity.
-    Energy uses the forecast mean rate and each profile's power curve; headroom uses the
-    forecast peak (planned) rate. A pool with load and no instance has headroom -1.
+    Load that a pool cannot carry within its SLO capacity spills, as the optimizer plans
+    it, to pools of componentwise-larger types of the same service (:func:`_route`). Each
+    pool's load is split over its instances in proportion to their SLO capacity. Energy
+    uses the forecast mean rate and each profile's power curve; headroom uses the forecast
+    peak (planned) rate. A type with load left that no pool carries has headroom -1.
 
     Args:
         layout: The layout to evaluate.
@@ -239,18 +301,29 @@ def evaluate_layout(
         for item, profile in items
         if profile is None
     )
+    capacity = {
+        pool: sum(i.instances * p.capacity_rps for i, p in items if p is not None)
+        for pool, items in by_pool.items()
+    }
+    peak_carried, shares, unserved = _route({p: r for p, r in peak_rps.items() if r > 0}, capacity)
+    mean_carried: dict[Pool, float] = {}
+    for pool, mean in mean_rps.items():
+        for target, share in shares.get(pool, {pool: 1.0}).items():
+            mean_carried[target] = mean_carried.get(target, 0.0) + mean * share
     watts = 0.0
     headrooms: list[tuple[float, Pool]] = []
-    for pool in sorted(set(by_pool) | {p for p, rate in peak_rps.items() if rate > 0}):
-        items = [(i, p) for i, p in by_pool.get(pool, []) if p is not None]
-        capacity = sum(i.instances * p.capacity_rps for i, p in items)
-        mean = mean_rps.get(pool, 0.0)
+    for pool in sorted(by_pool):
+        items = [(i, p) for i, p in by_pool[pool] if p is not None]
+        mean = mean_carried.get(pool, 0.0)
         for item, profile in items:
-            share = item.instances * profile.capacity_rps / capacity if capacity else 0.0
+            share = (
+                item.instances * profile.capacity_rps / capacity[pool] if capacity[pool] else 0.0
+            )
             watts += item.instances * profile.power_w(mean * share / item.instances)
-        peak = peak_rps.get(pool, 0.0)
+        peak = peak_carried.get(pool, 0.0)
         if peak > 0:
-            headrooms.append((1.0 - peak / capacity if capacity else -1.0, pool))
+            headrooms.append((1.0 - peak / capacity[pool] if capacity[pool] else -1.0, pool))
+    headrooms.extend((-1.0, pool) for pool in unserved)  # load with nowhere to go
     hours = window_s / 3600.0
     energy = None if unprofiled else watts * hours / 1000.0
     carbon = None if energy is None else energy * prices.carbon_g_per_kwh / 1000.0
@@ -402,7 +475,9 @@ def approval_body(
         "",
         "Both columns are estimated the same way from the stored profiles: energy at the "
         "forecast mean rate, headroom at the forecast peak (`1 − peak / SLO capacity`; "
-        f"negative = over capacity), {prices.carbon_g_per_kwh:.0f} gCO2eq/kWh, "
+        "negative = over capacity; load beyond a pool's capacity spills to pools of larger "
+        "types of the same service, as the optimizer plans it), "
+        f"{prices.carbon_g_per_kwh:.0f} gCO2eq/kWh, "
         f"${prices.electricity_usd_per_mwh:.2f}/MWh, ${prices.gpu_usd_per_hour:.2f}/GPU-hour. "
         f"The optimizer's own prediction for the plan: {p.energy_kwh:.2f} kWh, "
         f"{p.carbon_g / 1000:.2f} kg CO2eq, ${p.cost_usd:.2f}, lowest SLO headroom "

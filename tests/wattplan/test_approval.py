@@ -164,6 +164,43 @@ def test_evaluation_matches_a_hand_computed_oracle() -> None:
     assert (figures.min_slo_headroom, figures.tightest_pool) == (-1.0, ("code", "LL"))
 
 
+def test_load_beyond_a_pool_spills_to_larger_pools_as_the_optimizer_plans_it() -> None:
+    profiles = {
+        (TP4.key, t): make_profile(TP4, t, cap, 200.0, 600.0)
+        for t, cap in (("SS", 2.0), ("MM", 1.0), ("LL", 0.5))
+    }
+    kwargs = dict(
+        # chat/SS: 5 rps on 4 rps of SS capacity; chat/SM has no pool (-> MM); code/MM
+        # has no larger pool with room.
+        peak_rps={("chat", "SS"): 5.0, ("chat", "SM"): 0.5, ("code", "MM"): 1.0},
+        mean_rps={("chat", "SS"): 5.0, ("chat", "SM"): 0.5, ("code", "MM"): 1.0},
+        profiles=profiles,
+        window_s=3600,
+        prices=Prices(),
+    )
+    figures = evaluate_layout(
+        layout(("chat/SS", TP4, 2), ("chat/MM", TP4, 2), ("chat/LL", TP4, 2)), **kwargs
+    )
+    # SS carries 4 of 5; 1 rps goes to MM (the smallest larger pool, 2 rps), then SM's
+    # 0.5 rps: MM carries 1.5 of 2 (headroom 25%); LL nothing. code/MM: nowhere: -1.
+    assert (figures.min_slo_headroom, figures.tightest_pool) == (-1.0, ("code", "MM"))
+    without_code = {
+        k: {p: v for p, v in d.items() if p[0] == "chat"}
+        for k, d in kwargs.items()
+        if k.endswith("rps")
+    }
+    figures = evaluate_layout(
+        layout(("chat/SS", TP4, 2), ("chat/MM", TP4, 2), ("chat/LL", TP4, 2)),
+        **{**kwargs, **without_code},
+    )
+    assert figures.min_slo_headroom == pytest.approx(0.0)  # SS full
+    assert figures.tightest_pool == ("chat", "SS")
+    # Energy follows the routed mean load: SS 2 x power(2 rps), MM 2 x power(0.75 rps),
+    # LL 2 x power(0): 600 W at capacity, 200 W idle, linear between.
+    watts = 2 * 600.0 + 2 * (200.0 + 400.0 * 0.75) + 2 * 200.0
+    assert figures.energy_kwh == pytest.approx(watts / 1000.0)
+
+
 def test_unprofiled_config_makes_energy_unknown_not_zero() -> None:
     figures = evaluate_layout(
         layout(("chat/SS", TP8, 1)),
