@@ -63,9 +63,13 @@ ITEM_FIELDS: tuple[str, ...] = (
     "tp",
     "power_cap_w",
     "clock_mhz",
+    "spp",
+    "kvp",
     "instances",
 )
-_OPTIONAL_ITEM_FIELDS = frozenset({"clock_mhz"})
+#: ``spp`` and ``kvp`` (a long-context gang: tp x spp x kvp GPUs) default to 1 and are
+#: written only for a gang, so agents and payloads from before gangs still agree.
+_OPTIONAL_ITEM_FIELDS = frozenset({"clock_mhz", "spp", "kvp"})
 #: Fields of a change-set body.
 REQUEST_FIELDS: tuple[str, ...] = ("version", "base_plan_id", "changes")
 #: Optional fields of a change-set body: the plan's runtime policy (``clock_policy`` and
@@ -286,6 +290,8 @@ def parse_item(raw: object, where: str = "item") -> LayoutItem:
         tp=tp,
         power_cap_w=_require_int(raw, "power_cap_w", where, minimum=1),
         clock_mhz=clock_mhz,
+        spp=_require_int(raw, "spp", where, minimum=1) if "spp" in raw else 1,
+        kvp=_require_int(raw, "kvp", where, minimum=1) if "kvp" in raw else 1,
     )
     return LayoutItem(
         service=_require_str(raw, "service", where),
@@ -305,11 +311,17 @@ def item_to_dict(item: LayoutItem) -> dict[str, Any]:
         "tp": item.config.tp,
         "power_cap_w": item.config.power_cap_w,
         "clock_mhz": item.config.clock_mhz,
+        **_gang(item.config),
         "instances": item.instances,
     }
 
 
-def item_sort_key(item: LayoutItem) -> tuple[str, str, str, str, int, int, int]:
+def _gang(config: ServingConfig) -> dict[str, int]:
+    """``spp`` and ``kvp`` of a long-context gang; nothing for a plain TP instance."""
+    return {"spp": config.spp, "kvp": config.kvp} if (config.spp, config.kvp) != (1, 1) else {}
+
+
+def item_sort_key(item: LayoutItem) -> tuple[str, str, str, str, int, int, int, int, int]:
     """Deterministic order of items: by service, request type, then serving config."""
     config = item.config
     return (
@@ -320,6 +332,8 @@ def item_sort_key(item: LayoutItem) -> tuple[str, str, str, str, int, int, int]:
         config.tp,
         config.power_cap_w,
         config.clock_mhz or 0,
+        config.spp,
+        config.kvp,
     )
 
 
@@ -605,6 +619,7 @@ def _config_to_dict(config: ServingConfig | None) -> dict[str, Any] | None:
         "tp": config.tp,
         "power_cap_w": config.power_cap_w,
         "clock_mhz": config.clock_mhz,
+        **_gang(config),
     }
 
 
@@ -612,7 +627,13 @@ def _config_from_dict(raw: Mapping[str, Any] | None) -> ServingConfig | None:
     if raw is None:
         return None
     return ServingConfig(
-        raw["model"], raw["gpu_type"], int(raw["tp"]), int(raw["power_cap_w"]), raw["clock_mhz"]
+        raw["model"],
+        raw["gpu_type"],
+        int(raw["tp"]),
+        int(raw["power_cap_w"]),
+        raw["clock_mhz"],
+        int(raw.get("spp", 1)),
+        int(raw.get("kvp", 1)),
     )
 
 

@@ -6,8 +6,10 @@ XCom and the cluster API.
     {"service": "chat", "request_type": "SS", "model": "llama2-70b", "gpu_type": "H100-80GB",
      "tp": 4, "power_cap_w": 490, "clock_mhz": null, "instances": 2, "load_rps": 3.5}
 
-``load_rps`` is optional on input (the cluster API does not carry it); other keys of the outer
-object (``cluster``, ``plan_id``, ``gpus`` in ``GET /v1/layout``) are ignored.
+``load_rps`` is optional on input (the cluster API does not carry it). A long-context gang
+(``tp x spp x kvp`` GPUs) also has ``"spp"`` and ``"kvp"``; they default to 1 and are written
+only for a gang. Other keys of the outer object (``cluster``, ``plan_id``, ``gpus`` in
+``GET /v1/layout``) are ignored.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ SLOT_FIELDS: tuple[str, ...] = (
     "power_cap_w",
     "clock_mhz",
 )
-_ITEM_FIELDS = frozenset((*SLOT_FIELDS, "instances", "load_rps"))
-_OPTIONAL_FIELDS = frozenset({"clock_mhz", "load_rps"})
+_GANG_FIELDS = ("spp", "kvp")
+_ITEM_FIELDS = frozenset((*SLOT_FIELDS, *_GANG_FIELDS, "instances", "load_rps"))
+_OPTIONAL_FIELDS = frozenset({"clock_mhz", "load_rps", *_GANG_FIELDS})
 
 
 def slot_dict(service: str, request_type: str, config: ServingConfig) -> dict[str, Any]:
@@ -42,6 +45,7 @@ def slot_dict(service: str, request_type: str, config: ServingConfig) -> dict[st
         "tp": config.tp,
         "power_cap_w": config.power_cap_w,
         "clock_mhz": config.clock_mhz,
+        **({"spp": config.spp, "kvp": config.kvp} if (config.spp, config.kvp) != (1, 1) else {}),
     }
 
 
@@ -86,12 +90,18 @@ def item_from_dict(raw: object, where: str = "item") -> LayoutItem:
     instances = _get(raw, "instances", int, where)
     if instances < 0:
         raise PlanInputError(f"{where}.instances={instances} must be >= 0")
+    gang = {key: _get(raw, key, int, where) if key in raw else 1 for key in _GANG_FIELDS}
+    for key, value in gang.items():
+        if value < 1:
+            raise PlanInputError(f"{where}.{key}={value} must be >= 1")
     config = ServingConfig(
         model=_get(raw, "model", str, where),
         gpu_type=_get(raw, "gpu_type", str, where),
         tp=_get(raw, "tp", int, where),
         power_cap_w=_get(raw, "power_cap_w", int, where),
         clock_mhz=clock_mhz,
+        spp=gang["spp"],
+        kvp=gang["kvp"],
     )
     load_rps = float(_get(raw, "load_rps", (int, float), where)) if "load_rps" in raw else 0.0
     return LayoutItem(

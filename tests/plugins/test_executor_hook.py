@@ -215,6 +215,22 @@ def test_push_sends_only_the_difference(hook: ServingClusterHook) -> None:
     assert diff_layout(actual, second) == []
 
 
+def test_a_long_context_gang_reaches_the_agent_whole(hook: ServingClusterHook) -> None:
+    gang = ServingConfig("llama2-70b", "H100-80GB", 4, 700, None, spp=2, kvp=2)  # 16 GPUs
+    desired = Layout(
+        (LayoutItem("chat", "LC", gang, 1), LayoutItem("chat", "SS", TP4, 1, load_rps=1.5))
+    )
+    push_layout(hook, "p1", desired, 1)
+    plan_id, actual = hook.get_layout()
+    assert plan_id == "p1" and diff_layout(actual, desired) == []
+    assert {i.config.key: i.config.gpus for i in actual.items} == {gang.key: 16, TP4.key: 4}
+    wire = hook._request("GET", "/v1/layout")
+    items = {item["request_type"]: item for item in wire["items"]}
+    assert (items["LC"]["spp"], items["LC"]["kvp"]) == (2, 2)
+    assert "spp" not in items["SS"]  # written only for a gang: older agents still agree
+    assert layout_from_dict(layout_to_dict(desired)) == desired
+
+
 def test_push_is_noop_when_cluster_already_matches(hook: ServingClusterHook) -> None:
     desired = layout(("chat", TP4, 2))
     push_layout(hook, "p1", desired, 1)
