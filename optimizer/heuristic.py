@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import highspy
 import numpy as np
@@ -44,6 +44,36 @@ class Start:
     rounds: int
 
 
+@dataclass
+class Rounding:
+    """What :func:`rounded_start` found.
+
+    Attributes:
+        start: A solution feasible for every row, or ``None``.
+        candidates: Per round, the rounded counts with the loads the LP gives them when the
+            power rows are left free: feasible for every row of each service, possibly over
+            a power budget (:mod:`optimizer.decompose` combines them per service).
+    """
+
+    start: Start | None = None
+    candidates: list[np.ndarray] = field(default_factory=list)
+
+
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``a . b`` without BLAS.
+
+    OpenBLAS runs long dot products on its own threads, which on a busy machine right after
+    a HiGHS run stalled for up to a second (measured on the fleet instance); an elementwise
+    product and sum stays on this thread.
+    """
+    return float(np.multiply(a, b).sum())
+
+
+def objective(form: MatrixForm, x: np.ndarray) -> float:
+    """The instance's objective at ``x`` (``c x + offset``), computed with :func:`dot`."""
+    return dot(form.cost, x) + form.offset
+
+
 def _type_rank(rtype: str) -> int:
     """Visiting order of types: sum of class positions, so smaller types come first (LC,
     which exchanges no load, last)."""
@@ -59,7 +89,7 @@ class _Counts:
         self.cat = cat
         self.index = index
         self.priced = priced
-        self.position = {key: k for k, key in enumerate(_group_keys(cat))}
+        self.position = {key: k for k, key in enumerate(group_keys(cat))}
         self.groups: dict[int, float] = defaultdict(float)
         self.count: dict[Option, int] = {}
 
@@ -72,19 +102,19 @@ class _Counts:
         for level, group in enumerate(column.groups):
             self.groups[self.position[(level, group)]] += instances * self._units(level, column)
 
-    def start_cost(self, column: Column) -> float:
-        """Priced start cost of one more instance of ``column`` given the counts so far."""
+    def start_cost(self, column: Column, instances: int = 1) -> float:
+        """Priced start cost of ``instances`` more of ``column`` given the counts so far."""
         cost = 0.0
         for level, group in enumerate(column.groups):
             k = self.position[(level, group)]
             applied = self.cat.levels[level].current.get(group, 0)
-            units = self._units(level, column)
+            units = self._units(level, column) * instances
             extra = max(0.0, self.groups[k] + units - max(applied, self.groups[k]))
             cost += self.priced[self.index.started[k]] * extra
         return cost
 
 
-def _group_keys(cat: Catalog) -> list[tuple[int, tuple]]:
+def group_keys(cat: Catalog) -> list[tuple[int, tuple]]:
     """Transition groups in the model's order (``m.transition_groups``)."""
     keys = {(level, group) for c in cat.columns for level, group in enumerate(c.groups)}
     return sorted(keys, key=repr)
@@ -144,30 +174,101 @@ def decide_counts(
         )
         if residual <= 1e-7:
             continue
-        local, local_value = cheapest(opts, residual)
-        local_cost = (
-            local_value * min(residual, options[local][0].envelope.capacity_rps)
-            if local
-            else math.inf
-        )
-        target, target_cost = None, local_cost
+        # what the remainder costs per rps in the cheapest pool it may spill to
+        spill_to, spill_value = None, math.inf
         for other in by_pool:
             if (pool[0], pool[1], other[1]) not in pairs or other[0] != pool[0]:
                 continue
-            # capacity the remainder takes there, priced like a share of its best instance
             o, value = cheapest(by_pool[other], math.inf)
-            if o is not None and value * residual < target_cost:
-                target, target_cost = other, value * residual
-        if target is not None:
-            load[target] += residual
-            continue
-        while residual > 1e-7:
-            best, _ = cheapest(opts, residual)
-            if best is None:
-                break  # no room: the fixed-count LP will report infeasibility
-            counts.add(best, options[best][0], 1)
-            residual -= options[best][0].envelope.capacity_rps
+            if o is not None and value < spill_value:
+                spill_to, spill_value = other, value
+        choice, spilled = _cover(
+            [
+                _Item(
+                    o,
+                    options[o][0].envelope.capacity_rps,
+                    min(priced[index.instances[c.index]] for c in options[o]),
+                    sum(c.upper_bound for c in options[o]) - counts.count[o],
+                    options[o][0],
+                )
+                for o in opts
+            ],
+            residual,
+            spill_value,
+            counts,
+        )
+        for o, k in choice.items():
+            counts.add(o, options[o][0], k)
+        if spilled > 1e-7 and spill_to is not None:
+            load[spill_to] += spilled
     return counts.count
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One shape option of a pool as the covering search sees it."""
+
+    option: Option
+    capacity: float
+    cost: float  # priced cost of one instance (without start costs)
+    room: int  # instances the option's columns can still take
+    column: Column
+
+
+def _cover(
+    items: list[_Item],
+    residual: float,
+    spill_value: float,
+    counts: _Counts,
+    most: int = 3,
+) -> tuple[dict[Option, int], float]:
+    """Least priced way to carry ``residual`` rps: more instances, or spill what is left.
+
+    An exact search over up to ``most`` more instances of each option (pruned by the best
+    cost per rps), where whatever the chosen instances leave uncovered spills to the
+    cheapest larger pool at ``spill_value`` per rps (infinite: no spill). Counting the cost
+    of every combination, not instance by instance, avoids covering a small remainder with
+    several tiny instances (the greedy pitfall).
+
+    Returns:
+        Instances to add per option, and the rps left to spill.
+    """
+    items = [i for i in items if i.room > 0 and i.capacity > 0]
+    costs = {
+        (i.option, k): k * i.cost + counts.start_cost(i.column, k)
+        for i in items
+        for k in range(1, min(most, i.room, math.ceil(residual / i.capacity - 1e-9)) + 1)
+    }
+    rate = min([spill_value, *(costs[(i.option, 1)] / min(i.capacity, residual) for i in items)])
+    best: tuple[float, dict[Option, int], float] = (math.inf, {}, residual)
+    chosen: dict[Option, int] = {}
+
+    def search(at: int, left: float, cost: float) -> None:
+        nonlocal best
+        if left <= 1e-7:
+            if cost < best[0]:
+                best = (cost, dict(chosen), 0.0)
+            return
+        if cost + left * rate >= best[0]:
+            return
+        if at == len(items):
+            total = cost + left * spill_value
+            if total < best[0]:
+                best = (total, dict(chosen), left)
+            return
+        item = items[at]
+        k = 1
+        while (item.option, k) in costs:
+            chosen[item.option] = k
+            search(at + 1, left - k * item.capacity, cost + costs[(item.option, k)])
+            k += 1
+        chosen.pop(item.option, None)
+        search(at + 1, left, cost)
+
+    search(0, residual, 0.0)
+    if math.isinf(best[0]):
+        return {}, residual  # nothing fits: the fixed-count LP reports it
+    return best[1], best[2]
 
 
 def place_counts(
@@ -231,7 +332,7 @@ def rounded_start(
     relaxed: highspy.Highs,
     rounds: int = 4,
     deadline: float | None = None,
-) -> Start | None:
+) -> Rounding:
     """Round the (solved) LP relaxation into a feasible start (module docstring).
 
     Args:
@@ -239,55 +340,60 @@ def rounded_start(
         index: Solver positions of the model's components.
         form: The instance's matrix form (original bounds).
         relaxed: The LP relaxation, already run once; its bounds change here.
-        rounds: Times the shared rows may be lowered and the LP re-solved.
+        rounds: Times the power rows may be lowered and the LP re-solved.
         deadline: ``time.perf_counter()`` value after which no new round starts.
 
     Returns:
-        A :class:`Start` feasible for every row, or ``None`` when none was found.
+        The :class:`Rounding`: a start feasible for every row when one was found, and the
+        candidates of every round.
     """
+    found = Rounding()
     cols = index.instances.astype(np.int32)
     upper = form.row_upper.copy()
-    limits = {d.name: d.limit_w for d in cat.domains}
-    power_row = index.power_rows
+    rows = np.array(sorted(index.power_rows.values()), dtype=np.int32)
+    free = np.full(len(rows), highspy.kHighsInf)
     for attempt in range(rounds + 1):
         if relaxed.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-            return None
+            return found
         solution = relaxed.getSolution()
         lp_x = np.array(solution.col_value)
         counts = decide_counts(cat, index, form, lp_x, np.array(solution.row_dual))
-        per_column, power = place_counts(cat, counts, lp_x, index)
+        per_column, _ = place_counts(cat, counts, lp_x, index)
         fixed = per_column.astype(float)
         relaxed.changeColsBounds(len(cols), cols, fixed, fixed)
+        if attempt:  # the budgets themselves, not the lowered rows of the relaxation
+            relaxed.changeRowsBounds(  # type: ignore[attr-defined]  # missing from highspy's stubs
+                len(rows), rows, form.row_lower[rows], form.row_upper[rows]
+            )
         relaxed.run()
         if relaxed.getModelStatus() == highspy.HighsModelStatus.kOptimal:
             x = np.array(relaxed.getSolution().col_value)
             x[cols] = fixed
             if not form.violations(x).any():
-                return Start(x, form.objective(x), attempt)
+                found.start = Start(x, objective(form, x), attempt)
+                found.candidates.append(x)
+                return found
+        if not len(rows):
+            return found
+        # how far over its budget each power row is with these counts: the same LP with the
+        # power rows free (also a candidate: feasible for every other row)
+        relaxed.changeRowsBounds(  # type: ignore[attr-defined]
+            len(rows), rows, form.row_lower[rows], free
+        )
+        relaxed.run()
+        if relaxed.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return found  # infeasible for another reason than power
+        x = np.array(relaxed.getSolution().col_value)
+        x[cols] = fixed
+        found.candidates.append(x)
+        over = np.maximum(form.a[rows] @ x - form.row_upper[rows], 0.0)
         relaxed.changeColsBounds(len(cols), cols, form.col_lower[cols], form.col_upper[cols])
-        # domains at or near their limit give up the estimated excess plus a growing share
-        # of one instance's power (rounding noise): the next LP leaves that much room
-        margin = {d.name: 0.0 for d in cat.domains}
-        for c in cat.columns:
-            if per_column[c.index] > 0:
-                env = c.envelope
-                top = env.upper_a_w + env.upper_b_w_per_rps * env.capacity_rps
-                margin[c.domain] = max(margin[c.domain], top * (attempt + 1) / (rounds + 1))
-        over = {
-            d: power[d] - (lim - margin[d])
-            for d, lim in limits.items()
-            if lim is not None and power[d] > lim - margin[d] and d in power_row
-        }
-        if (
-            attempt == rounds
-            or not over
-            or (deadline is not None and time.perf_counter() > deadline)
-        ):
-            return None
-        rows = np.array([power_row[d] for d in over], dtype=np.int32)
-        upper[rows] -= np.array([over[d] / 1000 for d in over])
-        relaxed.changeRowsBounds(  # type: ignore[attr-defined]  # missing from highspy's stubs
+        if attempt == rounds or (deadline is not None and time.perf_counter() > deadline):
+            return found
+        # the next LP leaves the excess free
+        upper[rows] -= over
+        relaxed.changeRowsBounds(  # type: ignore[attr-defined]
             len(rows), rows, form.row_lower[rows], upper[rows]
         )
         relaxed.run()
-    return None
+    return found
