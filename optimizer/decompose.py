@@ -47,6 +47,8 @@ _INF = highspy.kHighsInf
 
 #: A service MILP given less time than this is not run (its LP value bounds it).
 MIN_SERVICE_S = 0.03
+#: Times the shared rows' prices are raised when no choice of candidates fits them.
+REPAIR_STEPS = 3
 #: Seconds kept for combining the services' plans (measured 0.2-0.6 s at fleet size).
 COMBINE_RESERVE_S = 0.6
 
@@ -263,8 +265,21 @@ class _Usage:
     def __init__(self, cat: Catalog, index: SolverIndex, form: MatrixForm, shared: np.ndarray):
         self.form = form
         self.limit: list[float] = []
+        self.members: dict[int, list[int]] = {}  # pooled row -> the model's shared rows
         self.gpu_columns: list[tuple[np.ndarray, int]] = []
         self.pooled_power: list[tuple[np.ndarray, int]] = []
+        power_rows = set(index.power_rows.values())
+        cell_of = {int(index.instances[c.index]): (c.domain, c.gpu_type) for c in cat.columns}
+        cells: dict[tuple[str, str], list[int]] = defaultdict(list)
+        direct = []
+        for r in shared.tolist():
+            if r in power_rows:
+                continue
+            found = {cell_of.get(int(c)) for c in form.a[r].indices}
+            if None in found or len(found) > 1:  # spans cells: cluster GPU limit, change cap
+                direct.append(r)
+            else:
+                cells[found.pop()].append(r)  # type: ignore[index]
         limits = {d.name: d.limit_w for d in cat.domains}
         for domains, types in _pools(cat):
             for g in sorted(types):
@@ -272,24 +287,26 @@ class _Usage:
                 for c in cat.columns:
                     if c.domain in domains and c.gpu_type == g:
                         mask[index.instances[c.index]] = c.gpus
+                self.members[len(self.limit)] = [r for d in domains for r in cells[(d, g)]]
                 self.gpu_columns.append((mask, len(self.limit)))
                 self.limit.append(sum(d.gpus.get(g, 0) for d in cat.domains if d.name in domains))
             rows = [index.power_rows[d] for d in sorted(domains) if d in index.power_rows]
             if rows and all(limits[d] is not None for d in domains):
+                self.members[len(self.limit)] = rows
                 self.pooled_power.append((np.array(rows, dtype=np.int64), len(self.limit)))
                 self.limit.append(float(form.row_upper[rows].sum()))
-        power_rows = set(index.power_rows.values())
-        domain_of = {int(index.instances[c.index]): c.domain for c in cat.columns}
-        direct = []
-        for r in shared:
-            if int(r) in power_rows:
-                continue
-            domains = {domain_of.get(int(c)) for c in form.a[r].indices}
-            if None in domains or len(domains) > 1:  # not one (domain, GPU type) cell
-                direct.append(int(r))
         self.direct = np.array(direct, dtype=np.int64)
         self.base = len(self.limit)
         self.limit += [float(form.row_upper[r]) for r in direct]
+
+    def rows_of(self, pooled: np.ndarray) -> np.ndarray:
+        """The model's shared rows behind pooled rows ``pooled``."""
+        rows: list[int] = []
+        for k in pooled.tolist():
+            rows += self.members.get(k, [])
+            if k >= self.base:
+                rows.append(int(self.direct[k - self.base]))
+        return np.array(sorted(set(rows)), dtype=np.int64)
 
     def of(self, x: np.ndarray) -> np.ndarray:
         """Usage of each pooled row by ``x``."""
@@ -397,30 +414,8 @@ def decompose(
         for m, v in zip(models, lp_value, strict=True)
     ]
     results: list[tuple[float | None, np.ndarray | None, bool]] = [(None, None, False)] * services
-
-    def run(s: int, limit: float) -> None:
-        start = (
-            _merge_start(first, models[s].cols, upper, cat, index) if first is not None else None
-        )
-        results[s] = _solve_service(models[s], start, limit, gap, seed)
-
-    order = sorted(range(services), key=lambda s: -gaps[s])
     budget = max(deadline - t - COMBINE_RESERVE_S, 0.0) * share
-    if workers > 1:
-        total = sum(gaps) or 1.0
-        with ThreadPoolExecutor(workers) as pool:
-            for s in order:
-                limit = budget * workers * gaps[s] / total
-                if limit >= MIN_SERVICE_S:
-                    pool.submit(run, s, limit)
-    else:
-        waiting = sum(gaps)
-        for s in order:
-            left = budget - (time.perf_counter() - t)
-            limit = left * gaps[s] / waiting if waiting > 0 else 0.0
-            waiting -= gaps[s]
-            if limit >= MIN_SERVICE_S:
-                run(s, limit)
+    _run_services(models, results, gaps, budget, first, upper, cat, index, gap, seed, workers)
     found.timing["services_s"] = round(time.perf_counter() - t, 4)
     found.solved_to_gap = sum(1 for r in results if r[2])
     bounds = [
@@ -434,15 +429,101 @@ def decompose(
     for x in candidates:
         for s in range(services):
             options[s].append(np.where(owner == s, x, 0.0))
-    for s, (_, xs, _) in enumerate(results):
-        if xs is not None:
-            x = np.zeros(index.num_col)
-            x[models[s].cols] = xs
-            options[s].append(x)
+
+    def add(results: list[tuple[float | None, np.ndarray | None, bool]]) -> None:
+        for s, (_, xs, _) in enumerate(results):
+            if xs is not None:
+                x = np.zeros(index.num_col)
+                x[models[s].cols] = xs
+                options[s].append(x)
+
+    add(results)
     if all(options):
+        found.start = _combine(cat, index, form, options, usage, deadline)
+    # No choice of candidates fits the shared rows: raise the prices of the pooled rows the
+    # cheapest choice breaks and solve the services again (a Lagrangian heuristic step)
+    for step in range(1, REPAIR_STEPS + 1):
+        if found.start is not None or not all(options) or time.perf_counter() > deadline:
+            break
+        broken = _broken_rows(form, usage, options)
+        if not len(broken):
+            break
+        raise_ = np.isin(shared, broken)
+        y[raise_] = 2.0 * y[raise_] - _unit_price(form, broken, options) * step
+        priced = form.cost - form.a[shared].T @ y
+        for model in models:
+            model.lp.col_cost_ = priced[model.cols]
+        again: list[tuple[float | None, np.ndarray | None, bool]] = [(None, None, False)] * services
+        left = max(deadline - time.perf_counter() - COMBINE_RESERVE_S, 0.0) / 2
+        _run_services(
+            models, again, [1.0] * services, left, None, upper, cat, index, gap, seed, workers
+        )
+        add(again)
         found.start = _combine(cat, index, form, options, usage, deadline)
     found.timing["combine_s"] = round(time.perf_counter() - t, 4)
     return found
+
+
+def _run_services(
+    models: list[_Service],
+    results: list[tuple[float | None, np.ndarray | None, bool]],
+    gaps: list[float],
+    budget: float,
+    first: np.ndarray | None,
+    upper: np.ndarray,
+    cat: Catalog,
+    index: SolverIndex,
+    gap: float,
+    seed: int,
+    workers: int,
+) -> None:
+    """Solve the service MILPs into ``results``, time shared in proportion to ``gaps``."""
+    t = time.perf_counter()
+
+    def run(s: int, limit: float) -> None:
+        start = (
+            _merge_start(first, models[s].cols, upper, cat, index) if first is not None else None
+        )
+        results[s] = _solve_service(models[s], start, limit, gap, seed)
+
+    order = sorted(range(len(models)), key=lambda s: -gaps[s])
+    if workers > 1:
+        total = sum(gaps) or 1.0
+        with ThreadPoolExecutor(workers) as pool:
+            futures = [
+                pool.submit(run, s, limit)
+                for s in order
+                if (limit := budget * workers * gaps[s] / total) >= MIN_SERVICE_S
+            ]
+            for future in futures:
+                future.result()
+        return
+    waiting = sum(gaps)
+    for s in order:
+        left = budget - (time.perf_counter() - t)
+        limit = left * gaps[s] / waiting if waiting > 0 else 0.0
+        waiting -= gaps[s]
+        if limit >= MIN_SERVICE_S:
+            run(s, limit)
+
+
+def _cheapest(form: MatrixForm, options: list[list[np.ndarray]]) -> np.ndarray:
+    """Sum over services of each one's least-cost candidate."""
+    return sum(min(xs, key=lambda x: objective(form, x)) for xs in options)  # type: ignore[return-value]
+
+
+def _broken_rows(form: MatrixForm, usage: _Usage, options: list[list[np.ndarray]]) -> np.ndarray:
+    """Shared rows in the pooled rows that the cheapest choice of candidates breaks."""
+    x = _cheapest(form, options)
+    over = usage.of(x) > np.array(usage.limit) * (1 + 1e-9) + 1e-9
+    return usage.rows_of(np.flatnonzero(over))
+
+
+def _unit_price(form: MatrixForm, rows: np.ndarray, options: list[list[np.ndarray]]) -> float:
+    """A price step for rows: a quarter of the plan's cost per unit of their activity."""
+    x = _cheapest(form, options)
+    activity = float(np.abs(form.a[rows] @ x).sum())
+    return 0.25 * abs(objective(form, x)) / max(activity, 1e-9)
 
 
 def _combine(
@@ -460,7 +541,8 @@ def _combine(
     limit = np.array(usage.limit, dtype=float)
     cols = index.instances.astype(np.int32)
     fixer = relaxation(form, 1, 0)
-    power = np.array(sorted(index.power_rows.values()), dtype=np.int32)
+    shared = index.shared_rows.astype(np.int32)
+    free = np.full(len(shared), _INF)
     best: Start | None = None
     for attempt in range(rounds):
         if attempt and time.perf_counter() > deadline:
@@ -477,30 +559,36 @@ def _combine(
         per_column, _ = place_counts(cat, dict(counts), x, index)
         fixed = per_column.astype(float)
         fixer.changeColsBounds(len(cols), cols, fixed, fixed)
-        if len(power):
-            fixer.changeRowsBounds(  # type: ignore[attr-defined]
-                len(power), power, form.row_lower[power], form.row_upper[power]
-            )
+        fixer.changeRowsBounds(  # type: ignore[attr-defined]
+            len(shared), shared, form.row_lower[shared], form.row_upper[shared]
+        )
         fixer.run()
         if fixer.getModelStatus() == highspy.HighsModelStatus.kOptimal:
             z = np.array(fixer.getSolution().col_value)
             z[cols] = fixed
             if not form.violations(z).any():
-                value = objective(form, z)
-                if best is None or value < best.objective:
-                    best = Start(z, value, 0)
+                best = Start(z, objective(form, z), 0)
                 break
-        if not len(power):
+        if not len(shared):
             break
-        fixer.changeRowsBounds(  # type: ignore[attr-defined]
-            len(power), power, form.row_lower[power], np.full(len(power), _INF)
-        )
+        # placement in domains or the loads broke a row the pooled rows did not see: lower
+        # each pooled row by its members' excess and choose again
+        fixer.changeRowsBounds(len(shared), shared, -free, free)  # type: ignore[attr-defined]
         fixer.run()
         if fixer.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             break
         z = np.array(fixer.getSolution().col_value)
-        over = np.maximum(form.a[power] @ z - form.row_upper[power], 0.0)
-        row_over = dict(zip(power.tolist(), over.tolist(), strict=True))
-        for rows, k in usage.pooled_power:
-            limit[k] -= sum(row_over.get(int(r), 0.0) for r in rows) + 1e-6
+        z[cols] = fixed
+        over = dict(
+            zip(
+                shared.tolist(),
+                np.maximum(form.a[shared] @ z - form.row_upper[shared], 0.0).tolist(),
+                strict=True,
+            )
+        )
+        for k, rows in usage.members.items():
+            limit[k] -= sum(over.get(r, 0.0) for r in rows) + 1e-6
+        for k, r in enumerate(usage.direct.tolist()):
+            limit[usage.base + k] -= over.get(r, 0.0) + 1e-6
+        usage.limit = limit.tolist()  # what placement taught holds for later choices too
     return best

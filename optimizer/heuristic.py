@@ -277,7 +277,8 @@ def place_counts(
     """Instances per catalog column: each option's count spread over its power domains.
 
     Instances go one at a time, most power-hungry shape first, into the domain with the
-    most power headroom (fraction of its limit) that still has GPUs of the type.
+    most power headroom (fraction of its limit) that still has GPUs of the type (when none
+    has, into the one with the most GPUs left: the counts stay whole, the GPU row fails).
 
     Returns:
         The count per catalog column, and the estimated peak power (W) per domain.
@@ -304,15 +305,17 @@ def place_counts(
     for o in sorted(counts, key=lambda o: (-instance_w(o), o)):
         watts = instance_w(o)
         for _ in range(counts[o]):
-            fits = [
-                c
-                for c in options[o]
-                if per_column[c.index] < c.upper_bound
-                and gpus_left.get((c.domain, c.gpu_type), 0) >= c.gpus
-            ]
-            if not fits:
+            room = [c for c in options[o] if per_column[c.index] < c.upper_bound]
+            fits = [c for c in room if gpus_left.get((c.domain, c.gpu_type), 0) >= c.gpus]
+            if not room:
                 break
-            best = max(fits, key=lambda c: _headroom(limit[c.domain], power[c.domain], watts))
+            if not fits:
+                # over the inventory: placed anyway where most GPUs are left, so that every
+                # service keeps its capacity (the GPU row then fails; optimizer.decompose
+                # still uses the counts per service)
+                best = max(room, key=lambda c: gpus_left.get((c.domain, c.gpu_type), 0))
+            else:
+                best = max(fits, key=lambda c: _headroom(limit[c.domain], power[c.domain], watts))
             per_column[best.index] += 1
             gpus_left[(best.domain, best.gpu_type)] -= best.gpus
             power[best.domain] += watts
@@ -351,7 +354,8 @@ def rounded_start(
     cols = index.instances.astype(np.int32)
     upper = form.row_upper.copy()
     rows = np.array(sorted(index.power_rows.values()), dtype=np.int32)
-    free = np.full(len(rows), highspy.kHighsInf)
+    shared = index.shared_rows.astype(np.int32)
+    free = np.full(len(shared), highspy.kHighsInf)
     for attempt in range(rounds + 1):
         if relaxed.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return found
@@ -373,22 +377,30 @@ def rounded_start(
                 found.start = Start(x, objective(form, x), attempt)
                 found.candidates.append(x)
                 return found
-        if not len(rows):
+        if not len(shared):
             return found
-        # how far over its budget each power row is with these counts: the same LP with the
-        # power rows free (also a candidate: feasible for every other row)
+        # the same LP with the shared rows free: feasible for every service's own rows (a
+        # candidate for optimizer.decompose), and it says how far over its budget each
+        # power row is with these counts
         relaxed.changeRowsBounds(  # type: ignore[attr-defined]
-            len(rows), rows, form.row_lower[rows], free
+            len(shared), shared, -free, free
         )
         relaxed.run()
         if relaxed.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-            return found  # infeasible for another reason than power
+            return found  # a service's own rows fail: nothing to lower
         x = np.array(relaxed.getSolution().col_value)
         x[cols] = fixed
         found.candidates.append(x)
         over = np.maximum(form.a[rows] @ x - form.row_upper[rows], 0.0)
         relaxed.changeColsBounds(len(cols), cols, form.col_lower[cols], form.col_upper[cols])
-        if attempt == rounds or (deadline is not None and time.perf_counter() > deadline):
+        relaxed.changeRowsBounds(  # type: ignore[attr-defined]
+            len(shared), shared, form.row_lower[shared], form.row_upper[shared]
+        )
+        if (
+            not over.any()
+            or attempt == rounds
+            or (deadline is not None and time.perf_counter() > deadline)
+        ):
             return found
         # the next LP leaves the excess free
         upper[rows] -= over
