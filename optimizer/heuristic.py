@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
-from optimizer.bridge import MatrixForm, SolverIndex
+from optimizer.bridge import MatrixForm, SolverIndex, relaxation
 from optimizer.catalog import Catalog, Column
 from wattplan.domain import REQUEST_TYPES
 
@@ -356,6 +356,9 @@ def rounded_start(
     rows = np.array(sorted(index.power_rows.values()), dtype=np.int32)
     shared = index.shared_rows.astype(np.int32)
     free = np.full(len(shared), highspy.kHighsInf)
+    # the counts are fixed on a copy, so that the relaxation keeps its own basis (re-solving
+    # it with lowered rows from there is fast) and the copy starts from the same one
+    fixer = relaxation(form, 1, 0)
     for attempt in range(rounds + 1):
         if relaxed.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return found
@@ -364,38 +367,36 @@ def rounded_start(
         counts = decide_counts(cat, index, form, lp_x, np.array(solution.row_dual))
         per_column, _ = place_counts(cat, counts, lp_x, index)
         fixed = per_column.astype(float)
-        relaxed.changeColsBounds(len(cols), cols, fixed, fixed)
-        if attempt:  # the budgets themselves, not the lowered rows of the relaxation
-            relaxed.changeRowsBounds(  # type: ignore[attr-defined]  # missing from highspy's stubs
-                len(rows), rows, form.row_lower[rows], form.row_upper[rows]
-            )
-        relaxed.run()
-        if relaxed.getModelStatus() == highspy.HighsModelStatus.kOptimal:
-            x = np.array(relaxed.getSolution().col_value)
+        fixer.setBasis(relaxed.getBasis())
+        fixer.changeColsBounds(len(cols), cols, fixed, fixed)
+        if len(shared):
+            # first with the shared rows free: feasible for every service's own rows (a
+            # candidate for optimizer.decompose); it says how far over its budget each power
+            # row is with these counts
+            fixer.changeRowsBounds(len(shared), shared, -free, free)  # type: ignore[attr-defined]
+            fixer.run()
+            if fixer.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+                return found  # a service's own rows fail: nothing to lower
+            x = np.array(fixer.getSolution().col_value)
             x[cols] = fixed
+            found.candidates.append(x)
             if not form.violations(x).any():
                 found.start = Start(x, objective(form, x), attempt)
-                found.candidates.append(x)
+                return found
+            fixer.changeRowsBounds(  # type: ignore[attr-defined]  # missing from highspy's stubs
+                len(shared), shared, form.row_lower[shared], form.row_upper[shared]
+            )
+        fixer.run()  # with the rows: the loads may still fit the budgets
+        if fixer.getModelStatus() == highspy.HighsModelStatus.kOptimal:
+            z = np.array(fixer.getSolution().col_value)
+            z[cols] = fixed
+            if not form.violations(z).any():
+                found.start = Start(z, objective(form, z), attempt)
+                found.candidates.append(z)
                 return found
         if not len(shared):
             return found
-        # the same LP with the shared rows free: feasible for every service's own rows (a
-        # candidate for optimizer.decompose), and it says how far over its budget each
-        # power row is with these counts
-        relaxed.changeRowsBounds(  # type: ignore[attr-defined]
-            len(shared), shared, -free, free
-        )
-        relaxed.run()
-        if relaxed.getModelStatus() != highspy.HighsModelStatus.kOptimal:
-            return found  # a service's own rows fail: nothing to lower
-        x = np.array(relaxed.getSolution().col_value)
-        x[cols] = fixed
-        found.candidates.append(x)
         over = np.maximum(form.a[rows] @ x - form.row_upper[rows], 0.0)
-        relaxed.changeColsBounds(len(cols), cols, form.col_lower[cols], form.col_upper[cols])
-        relaxed.changeRowsBounds(  # type: ignore[attr-defined]
-            len(shared), shared, form.row_lower[shared], form.row_upper[shared]
-        )
         if (
             not over.any()
             or attempt == rounds

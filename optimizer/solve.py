@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Below this many integer columns HiGHS alone closes the gap quickly: no decomposition.
 DECOMPOSE_MIN_INTEGER_COLUMNS = 500
+#: After the decomposition, HiGHS's MIP runs only if this share of the time limit is left.
+MIP_AFTER_DECOMPOSITION = 0.25
 
 _INFEASIBLE = {
     TerminationCondition.provenInfeasible,
@@ -258,6 +260,23 @@ def _optimize(
         return _Run(
             "start_within_gap",
             "start_within_gap",
+            start.x,
+            start.objective,
+            bound,
+            bound_source,
+            timing=timing,
+            start=start_record,
+        )
+    if (
+        start is not None
+        and "decompose_s" in timing
+        and deadline.left() < MIP_AFTER_DECOMPOSITION * options.time_limit_s
+    ):
+        # at decomposition size HiGHS spends its first seconds in the root cut loop: a short
+        # MIP run after the decomposition changes neither plan nor bound (measured)
+        return _Run(
+            "feasible",
+            "maxTimeLimit",
             start.x,
             start.objective,
             bound,
