@@ -6,16 +6,18 @@ the integer instance counts and leaves everything continuous to the LP:
 
 1. solve the LP relaxation; its duals price the shared GPU and power rows;
 2. per service, visit pools from the smallest request type up; round each serving shape's
-   LP instance count down; move what is left of the pool's LP load up to a larger pool of
-   the service (spill) when its share of that pool's cheapest instance costs less than a new
-   instance here, otherwise cover it with new instances of least priced cost per covered rps
-   (energy, GPU price, shared-row prices, start costs);
+   LP instance count down; carry what is left of the pool's LP load by the least priced
+   combination (energy, GPU price, shared-row prices, start costs) of up to three more
+   instances of each shape and spill of the rest to the cheapest larger pool of the service
+   (an exact search, :func:`_cover`, where a greedy choice covered small remainders with
+   several tiny instances);
 3. place each shape's instances in its power domains, most power-hungry first, always in
    the domain with the most power headroom left;
 4. fix the counts and re-solve the LP: loads, spill, mean loads and start counts come out
-   optimal for those counts. If that LP is infeasible (a power row over its bound), lower
-   the rows of domains at or near their limit by the estimated excess plus one instance's
-   power in the relaxation and repeat.
+   optimal for those counts. The LP with the shared rows left free is a *candidate* for
+   :mod:`optimizer.decompose` (feasible for every service's own rows); if a power row is
+   over its budget, the relaxation's power rows are lowered by the excess and the rounding
+   repeated.
 """
 
 from __future__ import annotations
