@@ -509,7 +509,7 @@ def _run_services(
 
 def _cheapest(form: MatrixForm, options: list[list[np.ndarray]]) -> np.ndarray:
     """Sum over services of each one's least-cost candidate."""
-    return sum(min(xs, key=lambda x: objective(form, x)) for xs in options)  # type: ignore[return-value]
+    return np.sum([min(xs, key=lambda x: objective(form, x)) for xs in options], axis=0)
 
 
 def _broken_rows(form: MatrixForm, usage: _Usage, options: list[list[np.ndarray]]) -> np.ndarray:
@@ -550,7 +550,7 @@ def _combine(
         choice = _choose(costs, used, limit)
         if choice is None:
             break
-        x = sum(options[s][k] for s, k in enumerate(choice))
+        x = np.sum([options[s][k] for s, k in enumerate(choice)], axis=0)
         counts: dict[Option, int] = defaultdict(int)
         for c in cat.columns:
             counts[(c.service, c.request_type, c.config.key)] += int(

@@ -61,7 +61,7 @@ class _Run:
     bound_source: str | None = None
     guard_interrupted: bool = False
     timing: dict[str, float] = field(default_factory=dict)
-    start: dict[str, float | int | None] | None = None
+    start: dict[str, object] | None = None
     size: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -206,7 +206,7 @@ def _optimize(
         )
         start, candidates = rounding.start, rounding.candidates
         timing["start_s"] = round(time.perf_counter() - t, 4)
-    start_record = None
+    start_record: dict[str, object] | None = None
     bound, bound_source = lp_bound, "lp_relaxation"
     if start is not None:
         start_record = {
