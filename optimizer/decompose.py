@@ -23,8 +23,10 @@ is then combined from candidates per service (the service MILP's solution and ea
 of the rounded start, :mod:`optimizer.heuristic`): a small multiple-choice MILP picks one
 candidate per service so that the shared rows hold with each power domain's GPUs and budget
 pooled with the domains sharing its GPU types; instances are then placed in domains and the
-loads re-solved with the counts fixed. If a domain ends up over its budget, its pool's
-budget is lowered by the excess and the choice repeated.
+loads re-solved with the counts fixed. If that breaks a row the pooled rows did not see,
+each pooled row is lowered by its members' excess and the choice repeated; if no choice
+fits, the prices of the rows the cheapest choice breaks are raised and the services solved
+again.
 """
 
 from __future__ import annotations
@@ -58,8 +60,7 @@ class Decomposition:
     """What the decomposition found.
 
     Attributes:
-        bound: Lagrangian lower bound (objective units), ``None`` when not every service
-            gave one in time.
+        bound: Lagrangian lower bound (objective units), ``None`` when not run.
         start: The combined plan, feasible for every row, or ``None``.
         services: Services solved.
         solved_to_gap: Services whose MILP closed its gap (the rest stopped at the limit).
@@ -77,19 +78,17 @@ def column_owner(cat: Catalog, index: SolverIndex) -> np.ndarray:
     """Service number (position in ``cat.services``) of every solver column, -1 for none."""
     owner = np.full(index.num_col, -1, dtype=np.int64)
     number = {s: k for k, s in enumerate(cat.services)}
+    keys = group_keys(cat)  # transition groups; each key starts with its service
+    pairs: list[tuple[int, str]] = []
     for c in cat.columns:
-        s = number[c.service]
-        for col in (index.instances[c.index], index.load[c.index], index.mean_load[c.index]):
-            owner[col] = s
-    for (i, _), col in index.segments.items():
-        owner[col] = number[cat.columns[i].service]
-    for (service, _, _), col in index.spill.items():
-        owner[col] = number[service]
-    keys = group_keys(cat)
-    for k, col in enumerate(index.started):
-        owner[col] = number[keys[k][1][0]]
-    for k, col in index.stopped.items():
-        owner[col] = number[keys[k][1][0]]
+        pairs += [(int(col), c.service) for col in _variables(c, index)]
+    pairs += [(col, cat.columns[i].service) for (i, _), col in index.segments.items()]
+    pairs += [(col, service) for (service, _, _), col in index.spill.items()]
+    pairs += [(int(col), str(keys[k][1][0])) for k, col in enumerate(index.started)]
+    pairs += [(col, str(keys[k][1][0])) for k, col in index.stopped.items()]
+    for col, service in pairs:
+        if col >= 0:  # -1: not in the instance
+            owner[col] = number[service]
     return owner
 
 
@@ -121,9 +120,14 @@ def _variables(c: Column, index: SolverIndex) -> list[int]:
 
 def _merged_upper(
     cat: Catalog, index: SolverIndex, form: MatrixForm, priced: np.ndarray
-) -> np.ndarray:
-    """Column upper bounds with dominated domain copies of a shape merged into another."""
+) -> tuple[np.ndarray, dict[int, int]]:
+    """Column upper bounds with dominated domain copies of a shape merged into another.
+
+    Returns:
+        The upper bounds, and for each merged catalog column the one it went into.
+    """
     upper = form.col_upper.copy()
+    into: dict[int, int] = {}
     copies: dict[Option, list[Column]] = defaultdict(list)
     for c in cat.columns:
         copies[(c.service, c.request_type, c.config.key)].append(c)
@@ -139,7 +143,8 @@ def _merged_upper(
                 continue
             upper[kv] += form.col_upper[v]
             upper[v] = 0.0
-    return upper
+            into[c.index] = keep.index
+    return upper, into
 
 
 @dataclass(frozen=True)
@@ -190,12 +195,17 @@ def _service_models(
 
 
 def _solve_service(
-    service: _Service, start: np.ndarray | None, time_limit: float, gap: float, seed: int
+    service: _Service,
+    start: np.ndarray | None,
+    time_limit: float,
+    gap: float,
+    seed: int,
+    threads: int,
 ) -> tuple[float | None, np.ndarray | None, bool]:
     """Dual bound, solution (service columns) and whether the gap closed."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
+    h.setOptionValue("threads", threads)  # every HiGHS instance of a process: the same
     h.setOptionValue("random_seed", seed)
     h.setOptionValue("time_limit", max(time_limit, 0.01))
     h.setOptionValue("mip_rel_gap", gap)
@@ -219,25 +229,15 @@ def _solve_service(
 
 
 def _merge_start(
-    x: np.ndarray, cols: np.ndarray, upper: np.ndarray, cat: Catalog, index: SolverIndex
+    x: np.ndarray, cols: np.ndarray, into: dict[int, int], cat: Catalog, index: SolverIndex
 ) -> np.ndarray:
-    """``x`` on the service's columns with merged domain copies moved onto the kept one."""
+    """``x`` on the service's columns, merged domain copies moved onto the kept ones."""
     y = x.copy()
-    position = {int(c): k for k, c in enumerate(cols)}
-    copies: dict[Option, list[Column]] = defaultdict(list)
-    for c in cat.columns:
-        if int(index.instances[c.index]) in position:
-            copies[(c.service, c.request_type, c.config.key)].append(c)
-    for cs in copies.values():
-        kept = [c for c in cs if upper[index.instances[c.index]] > 0]
-        gone = [c for c in cs if upper[index.instances[c.index]] == 0]
-        if not kept or not gone:
-            continue
-        kv = np.array(_variables(kept[0], index))
-        for c in gone:
-            v = np.array(_variables(c, index))
-            y[kv] += y[v]
-            y[v] = 0.0
+    for gone, kept in into.items():
+        v = np.array(_variables(cat.columns[gone], index))
+        kv = np.array(_variables(cat.columns[kept], index))
+        y[kv] += y[v]
+        y[v] = 0.0
     return y[cols]
 
 
@@ -321,12 +321,12 @@ class _Usage:
 
 
 def _choose(
-    costs: list[list[float]], usage: list[list[np.ndarray]], limit: np.ndarray
+    costs: list[list[float]], usage: list[list[np.ndarray]], limit: np.ndarray, threads: int
 ) -> list[int] | None:
     """One candidate per service, least total cost, pooled rows within ``limit``."""
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
+    h.setOptionValue("threads", threads)
     h.setOptionValue("time_limit", 2.0)
     h.setOptionValue("mip_rel_gap", 1e-6)
     where: list[tuple[int, int]] = []
@@ -385,7 +385,8 @@ def decompose(
         deadline: ``time.perf_counter()`` value by which everything here ends.
         share: Fraction of the time left given to the service MILPs.
         gap: Relative gap at which a service MILP stops.
-        workers: Service MILPs solved at once (HiGHS releases the GIL).
+        workers: Service MILPs solved at once (HiGHS releases the GIL); also the HiGHS
+            threads option of every instance made here (a process's instances must agree).
         seed: HiGHS random seed.
     """
     found = Decomposition()
@@ -397,7 +398,7 @@ def decompose(
     shared = index.shared_rows
     y, constant = _prices(form, shared, lp_duals)
     priced = form.cost - (form.a[shared].T @ y if len(shared) else 0.0)
-    upper = _merged_upper(cat, index, form, priced)
+    upper, into = _merged_upper(cat, index, form, priced)
     models = _service_models(form, owner, shared, priced, upper, services)
     if models is None:
         return found
@@ -415,7 +416,7 @@ def decompose(
     ]
     results: list[tuple[float | None, np.ndarray | None, bool]] = [(None, None, False)] * services
     budget = max(deadline - t - COMBINE_RESERVE_S, 0.0) * share
-    _run_services(models, results, gaps, budget, first, upper, cat, index, gap, seed, workers)
+    _run_services(models, results, gaps, budget, first, into, cat, index, gap, seed, workers)
     found.timing["services_s"] = round(time.perf_counter() - t, 4)
     found.solved_to_gap = sum(1 for r in results if r[2])
     bounds = [
@@ -439,7 +440,7 @@ def decompose(
 
     add(results)
     if all(options):
-        found.start = _combine(cat, index, form, options, usage, deadline)
+        found.start = _combine(cat, index, form, options, usage, deadline, workers)
     # No choice of candidates fits the shared rows: raise the prices of the pooled rows the
     # cheapest choice breaks and solve the services again (a Lagrangian heuristic step)
     for step in range(1, REPAIR_STEPS + 1):
@@ -456,10 +457,10 @@ def decompose(
         again: list[tuple[float | None, np.ndarray | None, bool]] = [(None, None, False)] * services
         left = max(deadline - time.perf_counter() - COMBINE_RESERVE_S, 0.0) / 2
         _run_services(
-            models, again, [1.0] * services, left, None, upper, cat, index, gap, seed, workers
+            models, again, [1.0] * services, left, None, into, cat, index, gap, seed, workers
         )
         add(again)
-        found.start = _combine(cat, index, form, options, usage, deadline)
+        found.start = _combine(cat, index, form, options, usage, deadline, workers)
     found.timing["combine_s"] = round(time.perf_counter() - t, 4)
     return found
 
@@ -470,7 +471,7 @@ def _run_services(
     gaps: list[float],
     budget: float,
     first: np.ndarray | None,
-    upper: np.ndarray,
+    into: dict[int, int],
     cat: Catalog,
     index: SolverIndex,
     gap: float,
@@ -481,10 +482,8 @@ def _run_services(
     t = time.perf_counter()
 
     def run(s: int, limit: float) -> None:
-        start = (
-            _merge_start(first, models[s].cols, upper, cat, index) if first is not None else None
-        )
-        results[s] = _solve_service(models[s], start, limit, gap, seed)
+        start = _merge_start(first, models[s].cols, into, cat, index) if first is not None else None
+        results[s] = _solve_service(models[s], start, limit, gap, seed, workers)
 
     order = sorted(range(len(models)), key=lambda s: -gaps[s])
     if workers > 1:
@@ -533,6 +532,7 @@ def _combine(
     options: list[list[np.ndarray]],
     usage: _Usage,
     deadline: float,
+    threads: int,
     rounds: int = 3,
 ) -> Start | None:
     """Pick a candidate per service, place the instances, re-solve the loads (module doc)."""
@@ -540,14 +540,14 @@ def _combine(
     used = [[usage.of(x) for x in xs] for xs in options]
     limit = np.array(usage.limit, dtype=float)
     cols = index.instances.astype(np.int32)
-    fixer = relaxation(form, 1, 0)
+    fixer = relaxation(form, threads, 0)
     shared = index.shared_rows.astype(np.int32)
     free = np.full(len(shared), _INF)
     best: Start | None = None
     for attempt in range(rounds):
         if attempt and time.perf_counter() > deadline:
             break
-        choice = _choose(costs, used, limit)
+        choice = _choose(costs, used, limit, threads)
         if choice is None:
             break
         x = np.sum([options[s][k] for s, k in enumerate(choice)], axis=0)

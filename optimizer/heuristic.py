@@ -337,6 +337,7 @@ def rounded_start(
     relaxed: highspy.Highs,
     rounds: int = 4,
     deadline: float | None = None,
+    threads: int = 1,
 ) -> Rounding:
     """Round the (solved) LP relaxation into a feasible start (module docstring).
 
@@ -347,6 +348,7 @@ def rounded_start(
         relaxed: The LP relaxation, already run once; its bounds change here.
         rounds: Times the power rows may be lowered and the LP re-solved.
         deadline: ``time.perf_counter()`` value after which no new round starts.
+        threads: HiGHS threads (every HiGHS instance of a process must use the same).
 
     Returns:
         The :class:`Rounding`: a start feasible for every row when one was found, and the
@@ -360,7 +362,7 @@ def rounded_start(
     free = np.full(len(shared), highspy.kHighsInf)
     # the counts are fixed on a copy, so that the relaxation keeps its own basis (re-solving
     # it with lowered rows from there is fast) and the copy starts from the same one
-    fixer = relaxation(form, 1, 0)
+    fixer = relaxation(form, threads, 0)
     for attempt in range(rounds + 1):
         if relaxed.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return found

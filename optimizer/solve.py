@@ -202,7 +202,13 @@ def _optimize(
         large = int(form.integer.sum()) >= DECOMPOSE_MIN_INTEGER_COLUMNS
         # at decomposition size each round's rounding is a candidate; fewer rounds suffice
         rounding = rounded_start(
-            m.catalog, index, form, relaxed, rounds=2 if large else 4, deadline=deadline.at
+            m.catalog,
+            index,
+            form,
+            relaxed,
+            rounds=2 if large else 4,
+            deadline=deadline.at,
+            threads=options.threads,
         )
         start, candidates = rounding.start, rounding.candidates
         timing["start_s"] = round(time.perf_counter() - t, 4)
