@@ -11,6 +11,7 @@ relative shortfall, then least cost), returned inside :class:`CapacityShortfallE
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -25,6 +26,7 @@ from pyomo.contrib.solver.solvers.highs import Highs
 
 from optimizer.bridge import MatrixForm, SolverIndex, matrix_form, relaxation, solver_index
 from optimizer.catalog import Catalog, build_catalog
+from optimizer.decompose import decompose
 from optimizer.heuristic import Start, rounded_start
 from optimizer.inputs import PlanInputs
 from optimizer.model import build_model
@@ -34,6 +36,11 @@ from wattplan.errors import CapacityShortfallError, SolverError
 __all__ = ["Solution", "solve_layout"]
 
 log = logging.getLogger(__name__)
+
+#: Below this many integer columns HiGHS alone closes the gap quickly: no decomposition.
+DECOMPOSE_MIN_INTEGER_COLUMNS = 500
+#: After the decomposition, HiGHS's MIP runs only if this share of the time limit is left.
+MIP_AFTER_DECOMPOSITION = 0.25
 
 _INFEASIBLE = {
     TerminationCondition.provenInfeasible,
@@ -54,7 +61,7 @@ class _Run:
     bound_source: str | None = None
     guard_interrupted: bool = False
     timing: dict[str, float] = field(default_factory=dict)
-    start: dict[str, float | int | None] | None = None
+    start: dict[str, object] | None = None
     size: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -87,6 +94,19 @@ def solve_layout(inputs: PlanInputs) -> Solution:
         SolverError: HiGHS stopped without a usable solution (e.g. the time limit passed
             before any feasible layout was found).
     """
+    # The Pyomo model holds about a million Python objects at fleet size: a full garbage
+    # collection in the middle of the solve costs up to a second (measured). Nothing built
+    # here forms reference cycles that must go before the solve ends.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _solve_layout(inputs)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _solve_layout(inputs: PlanInputs) -> Solution:
     deadline = _Deadline(inputs.solver.time_limit_s)
     t0 = time.perf_counter()
     inputs.validate()
@@ -172,45 +192,121 @@ def _optimize(
         return _Run("infeasible", "lp_relaxation_infeasible", timing=timing)
     lp_bound = None
     start: Start | None = None
+    candidates: list[np.ndarray] = []
     if lp_status == highspy.HighsModelStatus.kOptimal:
         lp_bound = relaxed.getInfo().objective_function_value + form.offset
+        lp_solution = relaxed.getSolution()
+        lp_x, lp_duals = np.array(lp_solution.col_value), np.array(lp_solution.row_dual)
     if lp_bound is not None and options.warm_start:
         t = time.perf_counter()
-        start = rounded_start(m.catalog, index, form, relaxed, deadline=deadline.at)
-        timing["start_s"] = round(time.perf_counter() - t, 4)
-    start_record = None
-    if start is not None:
-        start_gap = max(0.0, start.objective - (lp_bound or -math.inf)) / max(
-            abs(start.objective), 1e-9
+        large = int(form.integer.sum()) >= DECOMPOSE_MIN_INTEGER_COLUMNS
+        # at decomposition size each round's rounding is a candidate; fewer rounds suffice
+        rounding = rounded_start(
+            m.catalog,
+            index,
+            form,
+            relaxed,
+            rounds=2 if large else 4,
+            deadline=deadline.at,
+            threads=options.threads,
         )
+        start, candidates = rounding.start, rounding.candidates
+        timing["start_s"] = round(time.perf_counter() - t, 4)
+    start_record: dict[str, object] | None = None
+    bound, bound_source = lp_bound, "lp_relaxation"
+    if start is not None:
         start_record = {
             "objective": start.objective,
             "lp_bound": lp_bound,
-            "gap": start_gap,
+            "gap": _gap(start.objective, lp_bound),
             "tightening_rounds": start.rounds,
         }
         log.info("optimizer: rounded LP start %.6g, LP bound %.6g", start.objective, lp_bound)
-        if start_gap <= options.mip_gap:
-            return _Run(
-                "start_within_gap",
-                "start_within_gap",
-                start.x,
-                start.objective,
-                lp_bound,
-                "lp_relaxation",
-                timing=timing,
-                start=start_record,
-            )
+    if (
+        lp_bound is not None
+        and candidates
+        and int(form.integer.sum()) >= DECOMPOSE_MIN_INTEGER_COLUMNS
+        and (start is None or _gap(start.objective, bound) > options.mip_gap)
+    ):
+        t = time.perf_counter()
+        found = decompose(
+            m.catalog,
+            index,
+            form,
+            lp_x,
+            lp_duals,
+            candidates,
+            deadline=deadline.at - 0.05 * options.time_limit_s,
+            share=1.0,
+            gap=options.mip_gap / 4,
+            workers=options.threads,
+            seed=options.random_seed,
+        )
+        timing["decompose_s"] = round(time.perf_counter() - t, 4)
+        if found.bound is not None and (bound is None or found.bound > bound):
+            bound, bound_source = found.bound, "lagrangian"
+        if found.start is not None and (start is None or found.start.objective < start.objective):
+            start = found.start
+        start_record = {
+            **(start_record or {}),
+            "decomposition": {
+                "services": found.services,
+                "solved_to_gap": found.solved_to_gap,
+                "bound": found.bound,
+                "objective": found.start.objective if found.start else None,
+                "timing_s": found.timing,
+            },
+        }
+        log.info(
+            "optimizer: decomposition bound %s, plan %s",
+            found.bound,
+            found.start.objective if found.start else None,
+        )
+    if start is not None and bound is not None and _gap(start.objective, bound) <= options.mip_gap:
+        return _Run(
+            "start_within_gap",
+            "start_within_gap",
+            start.x,
+            start.objective,
+            bound,
+            bound_source,
+            timing=timing,
+            start=start_record,
+        )
+    if (
+        start is not None
+        and "decompose_s" in timing
+        and deadline.left() < MIP_AFTER_DECOMPOSITION * options.time_limit_s
+    ):
+        # at decomposition size HiGHS spends its first seconds in the root cut loop: a short
+        # MIP run after the decomposition changes neither plan nor bound (measured)
+        return _Run(
+            "feasible",
+            "maxTimeLimit",
+            start.x,
+            start.objective,
+            bound,
+            bound_source,
+            timing=timing,
+            start=start_record,
+        )
     run = _run_mip(opt, m, inputs, deadline, start)
     run.timing.update(timing)
     run.start = start_record
-    if lp_bound is not None and (run.bound is None or lp_bound > run.bound):
-        run.bound, run.bound_source = lp_bound, "lp_relaxation"
+    if bound is not None and (run.bound is None or bound > run.bound):
+        run.bound, run.bound_source = bound, bound_source
     if run.x is None and start is not None and run.status != "infeasible":
         run.status, run.x, run.objective = "feasible", start.x, start.objective
     elif start is not None and run.objective is not None and start.objective < run.objective:
         run.x, run.objective = start.x, start.objective
     return run
+
+
+def _gap(objective: float, bound: float | None) -> float:
+    """Relative gap of ``objective`` over ``bound`` (infinite without a bound)."""
+    if bound is None or not math.isfinite(bound):
+        return math.inf
+    return max(0.0, objective - bound) / max(abs(objective), 1e-9)
 
 
 def _run_mip(

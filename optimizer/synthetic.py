@@ -314,8 +314,8 @@ def fleet_instance(
     """The fleet: 20 models, 10 pools, TP {1,2,4,8}, 7 clocks, 2 GPU types, 10,000 GPUs.
 
     Ten 70B-class and ten 8B-class services; 5,000 H100s in rows A and B, 5,000 A100s in
-    rows C and D, each row's budget 62% of its GPUs' TDP (the peak plan must fit it);
-    demand sized to need about 6,500 GPUs at the best GPUs-per-rps; the applied layout is
+    rows C and D, each row's budget 72% of its GPUs' TDP (the peak plan must fit it);
+    demand sized to need about 5,000 GPUs at the best GPUs-per-rps; the applied layout is
     last window's on one shape per pool (reconfiguration terms active).
     """
     rng = np.random.default_rng(seed)

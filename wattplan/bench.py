@@ -413,6 +413,7 @@ def _solve_case(
     seed: int,
     time_limit_s: float | None,
     highs_options: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> Any:
     from dataclasses import replace
 
@@ -426,6 +427,8 @@ def _solve_case(
         inputs = replace(inputs, solver=replace(inputs.solver, time_limit_s=time_limit_s))
     if highs_options:
         inputs = replace(inputs, solver=replace(inputs.solver, highs_options=highs_options))
+    if threads is not None:
+        inputs = replace(inputs, solver=replace(inputs.solver, threads=threads))
     return inputs
 
 
@@ -436,6 +439,7 @@ def bench_solve(
     stream: TextIO,
     time_limit_s: float | None = None,
     highs_options: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Build and solve one synthetic instance; return its figures.
 
@@ -445,7 +449,7 @@ def bench_solve(
     """
     from optimizer.solve import solve_layout
 
-    inputs = _solve_case(name, clock_mode, seed, time_limit_s, highs_options)
+    inputs = _solve_case(name, clock_mode, seed, time_limit_s, highs_options, threads)
     _progress(stream, f"solving {name} ({clock_mode} clocks, seed {seed}) ...")
     t0 = time.perf_counter()
     solution = solve_layout(inputs)
@@ -496,12 +500,15 @@ def run_solve_bench(
     stream: TextIO,
     time_limit_s: float | None = None,
     highs_options: dict[str, Any] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run the chosen cases in the chosen clock modes; figures keyed ``case/mode``."""
     import os
 
     results = {
-        f"{name}/{mode}": bench_solve(name, mode, seed, stream, time_limit_s, highs_options)
+        f"{name}/{mode}": bench_solve(
+            name, mode, seed, stream, time_limit_s, highs_options, threads
+        )
         for name in cases
         for mode in clock_modes
     }
@@ -605,6 +612,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--time-limit", type=float, default=None, help="override the cases' time limit (s)"
     )
     solve.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="solver threads for every case (default: the cases' 1; one process must use one "
+        "count: HiGHS shares its thread pool)",
+    )
+    solve.add_argument(
         "--highs-option",
         action="append",
         default=[],
@@ -659,6 +673,7 @@ def _main_solve(args: argparse.Namespace) -> int:
         seed=args.seed,
         stream=sys.stderr,
         time_limit_s=args.time_limit,
+        threads=args.threads,
         highs_options=highs_options,
     )
     if args.json:
