@@ -31,6 +31,7 @@ from simulator.policies import _shapes as shapes_of
 from simulator.workload import BUNDLED, LoadView, RateWorkload, RequestTrace, load_workload, view_of
 from wattplan.domain import Profile
 from wattplan.errors import InputDataError, WattplanError
+from wattplan.jobs import forecast_config
 from wattplan.settings import Settings
 
 J_PER_KWH = 3.6e6
@@ -197,6 +198,8 @@ def run_backtest(config: BacktestConfig, settings: Settings) -> dict[str, Any]:
             grid=grid,
             solver_time_limit_s=settings.solver_time_limit_s,
             solver_mip_gap=settings.solver_mip_gap,
+            forecast_config=forecast_config(settings),
+            forecast_refits_per_run=settings.forecast_refits_per_run,
             progress=_say,
         )
 

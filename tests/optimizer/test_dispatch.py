@@ -15,7 +15,9 @@ FREE = Reconfiguration(startup_s=0.0, reshard_s=0.0, clock_change_s=0.0)
 
 
 def _inputs(demand: dict[tuple[str, str], float]) -> PlanInputs:
-    profile = Profile(TP4, "MM", 10.0, ((0.0, 800.0), (10.0, 2000.0)), 0.1, 0.02, 1.0, 0.1, "t", "h")
+    profile = Profile(
+        TP4, "MM", 10.0, ((0.0, 800.0), (10.0, 2000.0)), 0.1, 0.02, 1.0, 0.1, "t", "h"
+    )
     return PlanInputs(
         window_s=3600,
         demand_rps=demand,
