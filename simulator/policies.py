@@ -630,6 +630,9 @@ def _plan_windows(
     solve_s = 0.0
     notes: list[str] = []
     decisions = math.ceil(ctx.view.steps / window)
+    planned = np.zeros((len(ctx.view.pools), ctx.view.steps))
+    fitted = np.ones(ctx.view.steps)
+    index = {pool: w for w, pool in enumerate(ctx.view.pools)}
     for i, k in enumerate(range(0, ctx.view.steps, window)):
         steps = min(window, ctx.view.steps - k)
         at = ctx.view.step_start(k)
@@ -652,8 +655,15 @@ def _plan_windows(
             mip_gap=ctx.solver_mip_gap,
         )
         t0 = time.perf_counter()
-        layout, record = wattplan_policy.solve(forecasts_for(k, steps), request)
+        forecasts = forecasts_for(k, steps)
+        layout, record = wattplan_policy.solve(forecasts, request)
         solve_s += time.perf_counter() - t0
+        fitted[k : k + steps] = (
+            0.0 if record.get("kept_current") else float(record.get("demand_share", 1.0))
+        )
+        for f in forecasts:
+            if (f.service, f.request_type) in index:
+                planned[index[(f.service, f.request_type)], k : k + steps] = f.planned_rate_rps
         solves += 1
         if record.get("kept_current"):
             kept += 1
@@ -687,6 +697,8 @@ def _plan_windows(
             "shrunk_to_fit": shrunk,
             "solver_s": round(solve_s, 2),
         },
+        planned_rps=planned,
+        planned_share=fitted,
     )
 
 
