@@ -249,16 +249,16 @@ def _compile(
                     table.require(groups.config[gi], int(wp_type[w]))
         previous = layout
     route = np.full((steps, len(routes)), -1, dtype=np.int64)
-    share = np.zeros((steps, len(routes)))
+    shares = np.zeros((steps, len(routes)))
     for k, v, target, sh in taken:
         route[k, v] = target
-        share[k, v] = sh
+        shares[k, v] = sh
     route_wp = np.array([w for w, _ in sorted(routes, key=routes.__getitem__)], dtype=np.int64)
     return _Compiled(
         steps,
         list(keys),
         route,
-        share,
+        shares,
         route_wp,
         groups.arrays(),
         dict(by_step_pool),

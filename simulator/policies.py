@@ -660,9 +660,9 @@ def _plan_windows(
         layout, record = wattplan_policy.solve(forecasts, request)
         forecast_s += t1 - t0
         solve_s += time.perf_counter() - t1
-        fitted[k : k + steps] = (
-            0.0 if record.get("kept_current") else float(record.get("demand_share", 1.0))
-        )
+        demand_share = record.get("demand_share", 1.0)
+        assert isinstance(demand_share, int | float)
+        fitted[k : k + steps] = 0.0 if record.get("kept_current") else float(demand_share)
         for f in forecasts:
             if (f.service, f.request_type) in index:
                 planned[index[(f.service, f.request_type)], k : k + steps] = f.planned_rate_rps
