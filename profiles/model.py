@@ -139,6 +139,7 @@ class Latency(Protocol):
 
 #: Decode batch sizes (slots) tried when searching for the SLO capacity.
 BATCH_CANDIDATES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+TIE_REL = 1e-9  # relative difference below which two capacities are equal
 
 
 def erlang_c(servers: int, offered_load: float) -> float:
@@ -322,6 +323,14 @@ def choose_operating_point(
             else:
                 low = mid
         point = feasible(low)
-        if point is not None and low > 0 and (best is None or low > best.capacity_rps):
+        # Capacities within TIE_REL of each other are a tie (smallest B kept): bisection
+        # end points of different B that meet the same binding constraint differ only in
+        # rounding, and that noise must not pick B (the table must regenerate identically
+        # on any machine).
+        if (
+            point is not None
+            and low > 0
+            and (best is None or low > best.capacity_rps * (1.0 + TIE_REL))
+        ):
             best = point
     return best

@@ -133,9 +133,14 @@ def approval_rows(engine: sa.Engine) -> list[tuple[str, str, str]]:
 class Background:
     """Run a function in a thread while dag.test() (which needs the main thread) runs."""
 
-    def __init__(self, target: Callable[[], Any]) -> None:
+    def __init__(
+        self, target: Callable[[], Any], on_error: Callable[[], Any] | None = None
+    ) -> None:
+        """``on_error`` runs if ``target`` raises: it must let the DAG run end (a run that
+        waits for a person would otherwise wait forever), and the error reaches join()."""
         self.result: Any = None
         self.error: BaseException | None = None
+        self._on_error = on_error
         self._thread = threading.Thread(target=self._run, args=(target,), daemon=True)
         self._thread.start()
 
@@ -144,6 +149,8 @@ class Background:
             self.result = target()
         except BaseException as exc:  # reported to the test by join()
             self.error = exc
+            if self._on_error is not None:
+                self._on_error()
 
     def join(self, timeout_s: float = 60) -> Any:
         self._thread.join(timeout_s)
