@@ -38,8 +38,10 @@ class DagForecaster:
         config: The forecaster's settings (``wattplan.jobs.forecast_config``).
         max_refreshes: Most series refitted per run (``WATTPLAN_FORECAST_REFITS_PER_RUN``).
         states: Series states by (service, request type, target), as the DAG stores them.
-        runs: Runs so far; ``refits``: series refitted; ``fallbacks``: pool forecasts that
-            fell back to the persistence peak.
+        runs: Runs so far; ``refits``: series refitted; ``fallbacks``: pool forecasts
+            with a fallback reason (the persistence peak for a short or not yet fitted
+            history, a baseline selected for want of history, the level-shift guard).
+        models: Pool forecasts per model that made them.
     """
 
     config: ForecastConfig

@@ -79,6 +79,10 @@ def test_wattplan_plans_through_the_milp_and_covers_a_steady_load(table, profile
     view = view_of(workload, 600)
     schedule = run_policy("wattplan", _context(table, profiles, view))
     assert schedule.decisions["plans"] == 4 and schedule.decisions["kept_running_layout"] == 0
+    # the DAG's forecaster ran once per plan; two hours are too short for its models
+    assert schedule.decisions["forecast_runs"] == 4
+    assert schedule.decisions["forecast_fallbacks"] == 4 * 2  # every pool, every plan
+    assert any("forecast models used" in note for note in schedule.notes)
     assert schedule.clock_governor and not schedule.free_reconfiguration
     for layout in schedule.layouts:
         # the MILP may carry SS load in the MM pool (spill): check what the plan carries
