@@ -9,7 +9,8 @@ Refits are the expensive part (about 0.1-0.4 s per statsmodels candidate per ser
 first and then the stalest; every other series forecasts from its stored parameters by
 filtering (milliseconds). A pool whose history is too short for any calibrated candidate
 falls back to :func:`forecasting.peak.forecast_peak` (persistence of the last peak times a
-quantile of peak growth), and its stored forecast says so.
+quantile of peak growth; ``h`` windows ahead, over spans of ``h + 1`` windows), and its
+stored forecast says so.
 """
 
 from __future__ import annotations
@@ -121,9 +122,11 @@ def _fallback_records(
 ) -> list[ForecastRecord]:
     window_start = step_start(at_step, window_s)
     spec = ForecastSpec(quantile=config.quantile)
-    f = forecast_peak(history, window_start, window_s, spec)
     records = []
     for h in range(config.horizon):
+        # h windows ahead, persistence reaches across h + 1 windows: the peak of the last
+        # h + 1 windows, grown by the quantile of peak growth over spans that long.
+        f = forecast_peak(history, window_start, (h + 1) * window_s, spec)
         start = window_start + timedelta(seconds=h * window_s)
         forecast = LoadForecast(
             f.service,

@@ -16,7 +16,7 @@ from optimizer.catalog import Catalog
 from optimizer.curves import Envelope, balanced_power_w, packed_dispatch
 from optimizer.inputs import PlanInputs
 from optimizer.model import J_PER_KWH, transition_power_w_per_gpu
-from wattplan.domain import Layout, LayoutItem, PlanPrediction, ServingConfig
+from wattplan.domain import DispatchShare, Layout, LayoutItem, PlanPrediction, ServingConfig
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def build_solution(
         LayoutItem(i.service, i.request_type, _planned_config(i), i.instances, round(i.load_rps, 6))
         for i in items
     ]
-    layout = Layout(tuple(layout_items))
+    layout = Layout(tuple(layout_items), dispatch_shares(inputs, values, shortfall_rps))
     hours = inputs.window_s / 3600
     packed_w = sum(packed_dispatch(i.envelope, i.instances, i.mean_load_rps).power_w for i in items)
     balanced_w = sum(balanced_power_w(i.envelope, i.instances, i.mean_load_rps) for i in items)
@@ -268,6 +268,38 @@ def build_solution(
             f"{s}/{t}": round(v, 6) for (s, t), v in sorted(shortfall_rps.items()) if v > 1e-9
         }
     return Solution(layout, prediction, record, policy, diff, degraded)
+
+
+def dispatch_shares(
+    inputs: PlanInputs,
+    values: ColumnValues,
+    shortfall_rps: Mapping[tuple[str, str], float] | None = None,
+) -> tuple[DispatchShare, ...]:
+    """How the router splits each type that spills: the plan's spill as shares of its load.
+
+    A type ``a`` of service ``s`` with spill flows ``a -> b`` keeps ``D - sum spill -
+    shortfall`` in its own pool and sends ``spill(a -> b)`` to pool ``b``; the shares are
+    these loads over what the plan carries of ``a`` (the planned peak; the mean keeps the
+    same split). Types without spill are not named (all their requests stay in their pool).
+    """
+    out: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for (service, a, b), rps in values.spill_rps.items():
+        if rps > 1e-9:
+            out[(service, a)][b] = out[(service, a)].get(b, 0.0) + rps
+    shares: list[DispatchShare] = []
+    for (service, a), moved in sorted(out.items()):
+        demand = inputs.demand_rps.get((service, a), 0.0)
+        short = (shortfall_rps or {}).get((service, a), 0.0)
+        kept = max(0.0, demand - short - sum(moved.values()))
+        loads = {a: kept, **moved} if kept > 1e-9 else dict(moved)
+        total = sum(loads.values())
+        if total <= 0:
+            continue
+        shares += [
+            DispatchShare(service, a, pool, round(load / total, 6))
+            for pool, load in sorted(loads.items())
+        ]
+    return tuple(shares)
 
 
 def _policy(

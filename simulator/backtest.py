@@ -28,9 +28,11 @@ from simulator.model import ProfileTable, ReconfigCosts
 from simulator.policies import POLICIES, PolicyContext, run_policy
 from simulator.policies import _largest_shape as largest_shape
 from simulator.policies import _shapes as shapes_of
+from simulator.schedule import Schedule
 from simulator.workload import BUNDLED, LoadView, RateWorkload, RequestTrace, load_workload, view_of
 from wattplan.domain import Profile
 from wattplan.errors import InputDataError, WattplanError
+from wattplan.jobs import forecast_config
 from wattplan.settings import Settings
 
 J_PER_KWH = 3.6e6
@@ -197,6 +199,8 @@ def run_backtest(config: BacktestConfig, settings: Settings) -> dict[str, Any]:
             grid=grid,
             solver_time_limit_s=settings.solver_time_limit_s,
             solver_mip_gap=settings.solver_mip_gap,
+            forecast_config=forecast_config(settings),
+            forecast_refits_per_run=settings.forecast_refits_per_run,
             progress=_say,
         )
 
@@ -224,11 +228,69 @@ def run_backtest(config: BacktestConfig, settings: Settings) -> dict[str, Any]:
         results[name] = result
         schedules[name] = (schedule, plan_s)
     document = summarise(results, schedules, workload, grid, factor, inventory, window_s, notes)
+    labels = _label(workload.pools)
+    for name, (schedule, _) in schedules.items():
+        causes = miss_causes(results[name], schedule, view.peak_rps)
+        if causes is not None:
+            document["policies"][name]["slo_miss_causes"] = dict(zip(labels, causes, strict=True))
     document["elapsed_s"] = round(time.perf_counter() - started, 2)
     if config.out_dir is not None:
         write_outputs(config.out_dir, document, results, grid)
         _say(f"wrote {config.out_dir}")
     return document
+
+
+MISS_CAUSES = (
+    "under_forecast",
+    "cluster_too_small",
+    "after_under_forecast",
+    "reconfiguration",
+    "other",
+)
+
+
+def miss_causes(
+    result: SimResult, schedule: Schedule, peak_rps: np.ndarray
+) -> list[dict[str, float]] | None:
+    """Per type, the share of its requests that missed an SLO, by cause (planning policies).
+
+    Each step's misses of a type count as: ``under_forecast`` where the forecast the plan
+    in force was made from lies below the step's busiest-minute rate of the type;
+    ``cluster_too_small`` where the forecast covered it but the share of it that fitted
+    the cluster did not; ``after_under_forecast`` in the step after an under-provisioned
+    step that missed (its backlog drains); ``reconfiguration`` in a step whose layout
+    changed (start-ups, re-shards, clock changes); ``other`` otherwise (the plan covered
+    the load and the layout stood still). None for policies without a recorded forecast.
+    """
+    planned, share = schedule.planned_rps, schedule.planned_share
+    if planned is None or share is None:
+        return None
+    out = []
+    for w in range(len(result.pools)):
+        missed = result.requests[w] - result.met[w]
+        total = max(float(result.requests[w].sum()), 1e-12)
+        counts = dict.fromkeys(MISS_CAUSES, 0.0)
+        short_before = False
+        for k in range(result.steps):
+            peak = float(peak_rps[w, k])
+            under = planned[w, k] < peak
+            short = planned[w, k] * share[k] < peak
+            m = float(missed[k])
+            if m > 1e-9:
+                if under:
+                    cause = "under_forecast"
+                elif short:
+                    cause = "cluster_too_small"
+                elif short_before:
+                    cause = "after_under_forecast"
+                elif k > 0 and schedule.layouts[k] != schedule.layouts[k - 1]:
+                    cause = "reconfiguration"
+                else:
+                    cause = "other"
+                counts[cause] += m
+            short_before = short and m > 0.01 * float(result.requests[w, k])
+        out.append({c: round(v / total, 5) for c, v in counts.items()})
+    return out
 
 
 def describe(workload: RequestTrace | RateWorkload) -> str:

@@ -136,14 +136,56 @@ class _Groups:
 
 @dataclass
 class _Compiled:
+    """The schedule as arrays.
+
+    Requests of one workload pool may be split over several pools (the plan's dispatch):
+    each (workload pool, compiled pool) pair that ever carries a share is a *route* ``v``;
+    ``route[k, v]`` is its pool at step ``k`` (-1 when it carries nothing then) and
+    ``share[k, v]`` the part of the workload pool's requests it takes.
+    """
+
     steps: int
     pool_keys: list[PoolKey]
-    route: np.ndarray  # (steps, workload pools) -> compiled pool or -1
+    route: np.ndarray  # (steps, routes) -> compiled pool or -1
+    share: np.ndarray  # (steps, routes): share of its workload pool's requests
+    route_wp: np.ndarray  # route -> workload pool
     g: dict[str, np.ndarray]  # flattened groups
     by_step_pool: dict[tuple[int, int], list[int]]  # -> group indices
     changes: Changes
     wp_type: np.ndarray  # workload pool -> table type index
-    spilled: np.ndarray  # (steps, workload pools): routed to another type's pool
+    spilled: np.ndarray  # (steps, workload pools): rerouted (no pool for the type)
+
+    @property
+    def route_type(self) -> np.ndarray:
+        """Table type index of each route."""
+        return self.wp_type[self.route_wp]
+
+    def served(self) -> np.ndarray:
+        """(steps, workload pools): some pool takes the workload pool's requests."""
+        out = np.zeros((self.steps, self.wp_type.size), dtype=bool)
+        for v, w in enumerate(self.route_wp):
+            out[:, w] |= self.route[:, v] >= 0
+        return out
+
+
+def _targets(
+    layout: Layout,
+    service: str,
+    rtype: str,
+    present: dict[PoolKey, list],  # type: ignore[type-arg]
+    keys: dict[PoolKey, int],
+) -> list[tuple[int, float]]:
+    """``[(compiled pool, share)]`` from the layout's dispatch for a type (empty: none).
+
+    Shares to pools the layout does not run are dropped and the rest renormalised.
+    """
+    out = [
+        (keys[(service, pool)], share)
+        for pool, share in layout.dispatch_of(service, rtype)
+        if share > 0 and (service, pool) in present
+    ]
+    total = sum(share for _, share in out)
+    return [(p, share / total) for p, share in out] if total > 0 else []
 
 
 def _compile(
@@ -161,7 +203,8 @@ def _compile(
     costs = FREE_RECONFIGURATION if schedule.free_reconfiguration else costs
     wp_type = np.array([table.type(t) for _, t in pools], dtype=np.int64)
     keys: dict[PoolKey, int] = {}
-    route = np.full((steps, len(pools)), -1, dtype=np.int64)
+    routes: dict[tuple[int, int], int] = {}  # (workload pool, compiled pool) -> route
+    taken: list[tuple[int, int, int, float]] = []  # (step, route, pool, share)
     spilled = np.zeros((steps, len(pools)), dtype=bool)
     groups = _Groups()
     by_step_pool: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -187,23 +230,75 @@ def _compile(
                 governed = schedule.clock_governor and key[1] != POOL_ALL
                 groups.own_type.append(table.type(key[1]) if governed else -1)
         for w, (service, rtype) in enumerate(pools):
-            target = keys.get((service, rtype)) if (service, rtype) in present else None
-            if target is None and (service, POOL_ALL) in present:
-                target = keys[(service, POOL_ALL)]
-            if target is None:
-                target = _spill_pool(
-                    k, service, int(wp_type[w]), present, keys, by_step_pool, groups, table
-                )
-                spilled[k, w] = target is not None
-            if target is None:
-                continue
-            route[k, w] = target
-            for gi in by_step_pool[(k, target)]:
-                table.require(groups.config[gi], int(wp_type[w]))
+            targets = _targets(layout, service, rtype, present, keys)
+            if not targets:
+                target = keys.get((service, rtype)) if (service, rtype) in present else None
+                if target is None and (service, POOL_ALL) in present:
+                    target = keys[(service, POOL_ALL)]
+                if target is None:
+                    target = _spill_pool(
+                        k, service, int(wp_type[w]), present, keys, by_step_pool, groups, table
+                    )
+                    spilled[k, w] = target is not None
+                if target is not None:
+                    targets = [(target, 1.0)]
+            for target, share in targets:
+                v = routes.setdefault((w, target), len(routes))
+                taken.append((k, v, target, share))
+                for gi in by_step_pool[(k, target)]:
+                    table.require(groups.config[gi], int(wp_type[w]))
         previous = layout
+    route = np.full((steps, len(routes)), -1, dtype=np.int64)
+    shares = np.zeros((steps, len(routes)))
+    for k, v, target, sh in taken:
+        route[k, v] = target
+        shares[k, v] = sh
+    route_wp = np.array([w for w, _ in sorted(routes, key=routes.__getitem__)], dtype=np.int64)
     return _Compiled(
-        steps, list(keys), route, groups.arrays(), dict(by_step_pool), changes, wp_type, spilled
+        steps,
+        list(keys),
+        route,
+        shares,
+        route_wp,
+        groups.arrays(),
+        dict(by_step_pool),
+        changes,
+        wp_type,
+        spilled,
     )
+
+
+#: Weyl sequence step (golden ratio) that splits a type's requests over its routes.
+_SPLIT_STEP = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def _pick_routes(comp: _Compiled, k: np.ndarray, wp: np.ndarray) -> np.ndarray:
+    """Route of each request: by its type's shares at its step, deterministic and even.
+
+    Requests of a split type are spread over its routes by a Weyl sequence on their index
+    (not one of the R3 coordinates the latency draws use); an unsplit type takes its one
+    route; a type without any route gets -1.
+    """
+    n_v = comp.route_wp.size
+    out = np.full(k.size, -1, dtype=np.int64)
+    if n_v == 0:
+        return out
+    by_wp: list[list[int]] = [[] for _ in range(comp.wp_type.size)]
+    for v, w in enumerate(comp.route_wp):
+        by_wp[int(w)].append(v)
+    width = max(len(vs) for vs in by_wp) if by_wp else 1
+    slots = np.full((comp.wp_type.size, width), -1, dtype=np.int64)
+    for w, vs in enumerate(by_wp):
+        slots[w, : len(vs)] = vs
+    safe_slots = np.where(slots >= 0, slots, 0)
+    shares = np.where(slots[None, :, :] >= 0, comp.share[:, safe_slots], 0.0)  # (steps, wp, M)
+    edges = np.cumsum(shares, axis=2)
+    cell_edges = edges[k, wp]  # (n, M)
+    total = cell_edges[:, -1]
+    draw = np.modf(0.5 + (np.arange(k.size) + 1.0) * _SPLIT_STEP)[0] * total
+    pick = np.minimum((draw[:, None] >= cell_edges).sum(axis=1), width - 1)
+    chosen = slots[wp, pick]
+    return np.where(total > 0, chosen, -1)
 
 
 def _spill_pool(
@@ -289,14 +384,16 @@ def simulate_requests(
     k = np.minimum((t // step_s).astype(np.int64), steps - 1)
     b = np.minimum((t // bucket_s).astype(np.int64), nb - 1)
     offset = t - k * step_s
-    p = comp.route[k, wp]
+    v = _pick_routes(comp, k, wp)
+    p = np.full(v.size, -1, dtype=np.int64)
+    p[v >= 0] = comp.route[k[v >= 0], v[v >= 0]]
     served = p >= 0
     rtype = comp.wp_type[wp]
 
     # Each request picks a group (config) of its pool in proportion to capacity, among the
     # groups already serving at its arrival (re-sharded/re-clocked ones serve after their
     # downtime).
-    gid = _assign_groups(comp, table, k, wp, offset, served, len(trace))
+    gid = _assign_groups(comp, table, k, v, offset, served, len(trace))
     safe = np.where(gid >= 0, gid, g["config"].size)  # -1 (unserved) -> a padding entry
     config = np.append(g["config"], 0)[safe]
     cap = table.capacity_rps[config, rtype]
@@ -469,9 +566,13 @@ def _assign_groups(
     served: np.ndarray,
     n: int,
 ) -> np.ndarray:
-    """Group index of each request (-1 when unserved), capacity-proportional, quasi-random."""
+    """Group index of each request (-1 when unserved), capacity-proportional, quasi-random.
+
+    ``wp`` holds each request's route (-1: none).
+    """
     g = comp.g
     steps, n_wp = comp.route.shape
+    route_type = comp.route_type
     rank = np.full((steps, n_wp, 2), -1, dtype=np.int64)
     late_from = np.zeros((steps, n_wp))
     edges: list[np.ndarray] = []
@@ -483,7 +584,7 @@ def _assign_groups(
             if p < 0:
                 continue
             gi = np.array(comp.by_step_pool[(kk, p)], dtype=np.int64)
-            weight = g["count"][gi] * table.capacity_rps[g["config"][gi], comp.wp_type[w]]
+            weight = g["count"][gi] * table.capacity_rps[g["config"][gi], route_type[w]]
             down = g["downtime_s"][gi]
             early = np.where(down >= 1.0, 0.0, weight)
             segments = [weight]
@@ -500,6 +601,7 @@ def _assign_groups(
         return gid
     flat_edges = np.concatenate(edges)
     flat_members = np.concatenate(members)
+    wp = np.maximum(wp, 0)  # unserved requests are masked below
     segment = np.where(offset < late_from[k, wp], 0, 1)
     seg_rank = np.where(rank[k, wp, 1] >= 0, rank[k, wp, segment], rank[k, wp, 0])
     draw = seg_rank + quasi_uniform(n, 2)
@@ -632,17 +734,21 @@ def simulate_rates(
     steps = workload.windows
     comp = _compile(schedule, table, workload.pools, costs, steps)
     g = comp.g
-    n_wp = len(workload.pools)
+    # Everything below works per route (a workload pool's share in one pool: the plan's
+    # dispatch may split a type over pools); results go back to workload pools at the end.
+    n_types = len(workload.pools)
+    n_wp = comp.route_wp.size
+    wp_type = comp.route_type
     n_pools = max(len(comp.pool_keys), 1)
     sat = model.saturation  # the backlog starts at saturation
     per_step = max(1, round(step_s / model.load_window_s))
     bucket_s = step_s / per_step
-    lam = workload.rate_rps  # (wp, steps)
-    cv2 = workload.cv**2
+    lam = comp.share.T * workload.rate_rps[comp.route_wp]  # (routes, steps)
+    cv2 = (workload.cv**2)[comp.route_wp]
 
-    # Pool capacity per workload pool and step: C[w, k] = sum_g n_g cap[c_g, type(w)].
-    route = comp.route.T  # (wp, steps)
-    cap_g = table.capacity_rps[g["config"][:, None], comp.wp_type[None, :]]  # (groups, wp)
+    # Pool capacity per route and step: C[w, k] = sum_g n_g cap[c_g, type(w)].
+    route = comp.route.T  # (routes, steps)
+    cap_g = table.capacity_rps[g["config"][:, None], wp_type[None, :]]  # (groups, routes)
     capacity = np.zeros((n_wp, steps))
     for w in range(n_wp):
         mine = g["pool"] == route[w, g["step"]]
@@ -707,7 +813,7 @@ def simulate_rates(
     k_c = g["step"][comp_g]
     p_c = g["pool"][comp_g]
     c_c = g["config"][comp_g]
-    t_c = comp.wp_type[comp_w]
+    t_c = wp_type[comp_w]
     with np.errstate(invalid="ignore", divide="ignore"):
         mix = (
             g["count"][comp_g] * cap_g[comp_g, comp_w] / capacity[comp_w, k_c]
@@ -740,7 +846,6 @@ def simulate_rates(
     met = np.bincount(cells, (weights_c * ok_ttft * ok_b).sum(axis=1), minlength=size).reshape(
         n_wp, steps
     )
-    unserved = np.where(served, 0.0, requests)
 
     # Mixture CDFs on the latency grid, per (pool, step) cell, in chunks.
     cdf_a = np.zeros((size, _GRID.size))
@@ -762,6 +867,14 @@ def simulate_rates(
             shift = wait_c[rows, :, None] + top * offset
             fa = lognormal_cdf(grid - shift, med_a[rows, :, None], sig_a[rows, :, None])
             np.add.at(cdf_a, cells[rows], (caught_w[rows, :, None] * fa).sum(axis=1))
+    # Back from routes to workload pools.
+    met = _per_pool(met, comp.route_wp, n_types)
+    cdf_a = _per_pool(cdf_a.reshape(n_wp, steps, _GRID.size), comp.route_wp, n_types)
+    cdf_b = _per_pool(cdf_b.reshape(n_wp, steps, _GRID.size), comp.route_wp, n_types)
+    n_wp, size = n_types, n_types * steps
+    cdf_a, cdf_b = cdf_a.reshape(size, -1), cdf_b.reshape(size, -1)
+    requests = workload.rate_rps * step_s
+    unserved = np.where(comp.served().T, 0.0, requests)
     total = requests.reshape(size)
     if progress:
         progress(f"per-window: {steps} windows x {n_wp} pools evaluated")
@@ -828,6 +941,13 @@ def simulate_rates(
         time.perf_counter() - started,
         schedule.notes,
     )
+
+
+def _per_pool(values: np.ndarray, route_wp: np.ndarray, n_types: int) -> np.ndarray:
+    """Sum per-route rows (first axis) into their workload pools."""
+    out = np.zeros((n_types, *values.shape[1:]))
+    np.add.at(out, route_wp, values)
+    return out
 
 
 #: Quadrature of a uniform wait on [0, W]: midpoints of four equal slices.

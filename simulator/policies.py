@@ -36,11 +36,15 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 import numpy as np
 
+from forecasting.selection import ForecastConfig
+from forecasting.series import LoadSeries
 from simulator import wattplan_policy
 from simulator.grid import Grid
 from simulator.model import POOL_ALL, ProfileTable, ReconfigCosts, shape_of, speed_key
@@ -73,6 +77,9 @@ class PolicyContext:
         grid: Carbon and prices for the MILP's figures (None: zeros).
         solver_time_limit_s: HiGHS time limit per plan.
         solver_mip_gap: HiGHS relative gap.
+        forecast_config: The DAG's forecaster settings for the wattplan policy
+            (``wattplan.jobs.forecast_config``; None: defaults at ``forecast_quantile``).
+        forecast_refits_per_run: Most forecast series refitted per wattplan plan.
         progress: Sink for progress lines.
     """
 
@@ -91,6 +98,8 @@ class PolicyContext:
     grid: Grid | None = None
     solver_time_limit_s: float = 20.0
     solver_mip_gap: float = 0.01
+    forecast_config: ForecastConfig | None = None
+    forecast_refits_per_run: int = 2
     progress: Progress | None = field(default=None, compare=False)
 
     @property
@@ -231,6 +240,80 @@ class Forecaster:
         return wattplan_policy.forecast_pool(
             history, view.step_start(end), horizon, self.ctx.forecast_quantile
         )
+
+
+class WindowForecaster:
+    """The DAG's forecaster (:class:`wattplan_policy.DagForecaster`) on the view's history.
+
+    Series are per planning window (``plan_window_s``), built from the steps visible at
+    decision time the way ``series_from_type_windows`` builds them from ingest windows (the
+    mean over observed steps, the highest step peak; a window partly visible is partly
+    observed, one not visible at all is missing). The forecaster works on epoch-aligned
+    windows, so the view's clock is moved back to the last window boundary (less than one
+    window; the time of day moves by that much).
+    """
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+        view = ctx.view
+        self.window = ctx.steps_of(ctx.plan_window_s)
+        self.window_s = self.window * view.step_s
+        shift_s = view.start_at.timestamp() % self.window_s
+        self.origin = view.start_at - timedelta(seconds=shift_s)
+        self.first_step = round(self.origin.timestamp()) // self.window_s
+        self.history_windows = max(1, ctx.history_s // self.window_s)
+        config = ctx.forecast_config or ForecastConfig(quantile=ctx.forecast_quantile)
+        self.dag = wattplan_policy.DagForecaster(config, ctx.forecast_refits_per_run)
+        self.windows = [
+            [
+                TypeWindow(
+                    service,
+                    rtype,
+                    self.origin + timedelta(seconds=i * view.step_s),
+                    view.step_s,
+                    round(float(view.mean_rps[w, i]) * view.step_s),
+                    0,
+                    0,
+                    float(view.peak_rps[w, i]),
+                    float(view.mean_rps[w, i]),
+                )
+                for i in range(view.steps)
+            ]
+            for w, (service, rtype) in enumerate(view.pools)
+        ]
+
+    def forecasts(self, visible_end: int, k: int) -> list[LoadForecast]:
+        """Every pool's forecast for the planning window from step ``k`` (a window start).
+
+        Only steps before ``visible_end`` are read (step 0 always: the run starts sized for
+        its opening load; the first window is then forecast from it as the next one).
+        """
+        view = self.ctx.view
+        end = max(1, min(visible_end, view.steps))
+        at = -(-end // self.window)  # windows with a visible step
+        target = max(k // self.window, at)
+        first = max(0, at - self.history_windows)
+        lo, hi = first * self.window, at * self.window
+        series = []
+        for w, (service, rtype) in enumerate(view.pools):
+            mean = np.full(hi - lo, np.nan)
+            peak = np.full(hi - lo, np.nan)
+            mean[: end - lo] = view.mean_rps[w, lo:end]
+            peak[: end - lo] = view.peak_rps[w, lo:end]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows stay NaN
+                series.append(
+                    LoadSeries(
+                        service,
+                        rtype,
+                        self.first_step + first,
+                        self.window_s,
+                        np.nanmean(mean.reshape(-1, self.window), axis=1),
+                        np.nanmax(peak.reshape(-1, self.window), axis=1),
+                    )
+                )
+        windows = [x for per_pool in self.windows for x in per_pool[lo:end]]
+        return self.dag.forecast(series, windows, self.first_step + at, self.first_step + target)
 
 
 def _static(
@@ -544,9 +627,12 @@ def _plan_windows(
     current = Layout()
     layouts: list[Layout] = []
     solves = kept = shrunk = 0
-    solve_s = 0.0
+    solve_s = forecast_s = 0.0
     notes: list[str] = []
     decisions = math.ceil(ctx.view.steps / window)
+    planned = np.zeros((len(ctx.view.pools), ctx.view.steps))
+    fitted = np.ones(ctx.view.steps)
+    index = {pool: w for w, pool in enumerate(ctx.view.pools)}
     for i, k in enumerate(range(0, ctx.view.steps, window)):
         steps = min(window, ctx.view.steps - k)
         at = ctx.view.step_start(k)
@@ -569,8 +655,17 @@ def _plan_windows(
             mip_gap=ctx.solver_mip_gap,
         )
         t0 = time.perf_counter()
-        layout, record = wattplan_policy.solve(forecasts_for(k, steps), request)
-        solve_s += time.perf_counter() - t0
+        forecasts = forecasts_for(k, steps)
+        t1 = time.perf_counter()
+        layout, record = wattplan_policy.solve(forecasts, request)
+        forecast_s += t1 - t0
+        solve_s += time.perf_counter() - t1
+        demand_share = record.get("demand_share", 1.0)
+        assert isinstance(demand_share, int | float)
+        fitted[k : k + steps] = 0.0 if record.get("kept_current") else float(demand_share)
+        for f in forecasts:
+            if (f.service, f.request_type) in index:
+                planned[index[(f.service, f.request_type)], k : k + steps] = f.planned_rate_rps
         solves += 1
         if record.get("kept_current"):
             kept += 1
@@ -603,23 +698,36 @@ def _plan_windows(
             "kept_running_layout": kept,
             "shrunk_to_fit": shrunk,
             "solver_s": round(solve_s, 2),
+            "forecast_s": round(forecast_s, 2),
         },
+        planned_rps=planned,
+        planned_share=fitted,
     )
 
 
 def wattplan(ctx: PolicyContext) -> Schedule:
-    """The project's forecaster + MILP, one plan per window, start-up costs counted."""
-    fc = Forecaster(ctx)
+    """The project's forecaster + MILP, one plan per window, start-up costs counted.
+
+    The plan for a window is made ``startup_s`` before it (new instances must be up at its
+    start), by the DAG's forecaster on the planning-window series visible then.
+    """
+    fc = WindowForecaster(ctx)
     lead = ctx.lead_steps
 
     def forecasts(k: int, steps: int) -> list[LoadForecast]:
-        out = []
-        for w in range(len(ctx.view.pools)):
-            f = fc.planned(w, k - lead, k, steps)
-            out.append(f)
-        return out
+        return fc.forecasts(k - lead, k)
 
-    return _plan_windows(ctx, "wattplan", forecasts, ctx.costs.startup_s, free=False)
+    schedule = _plan_windows(ctx, "wattplan", forecasts, ctx.costs.startup_s, free=False)
+    dag = fc.dag
+    schedule.decisions.update(
+        forecast_runs=dag.runs,
+        forecast_refits=dag.refits,
+        forecast_fallbacks=dag.fallbacks,
+    )
+    models = ", ".join(f"{m} {n}" for m, n in sorted(dag.models.items(), key=lambda x: -x[1]))
+    return replace(
+        schedule, notes=(*schedule.notes, f"forecast models used (pool x plan): {models}")
+    )
 
 
 def oracle(ctx: PolicyContext) -> Schedule:

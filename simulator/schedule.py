@@ -12,6 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import numpy as np
+
 from simulator.model import ReconfigCosts, gpus_of, shape_of
 from wattplan.domain import Layout, LayoutItem, ServingConfig
 
@@ -34,6 +36,13 @@ class Schedule:
         inventory_gpus: GPUs of the cluster: new instances start ahead on GPUs the running
             layout leaves free before re-sharding (None: re-shard whenever GPUs are freed).
         notes: What the policy wants said about its run (fallbacks, infeasible windows).
+        decisions: Counts about the policy's decisions (plans, refits, ...).
+        planned_rps: Per workload pool (the view's order) and step, the peak rate the
+            plan in force was asked to carry (its forecast); None for policies that do not
+            plan from a forecast.
+        planned_share: Per step, the share of that forecast the plan carries (below 1
+            where the whole of it did not fit the cluster, 0 where the running layout was
+            kept).
     """
 
     policy: str
@@ -45,6 +54,8 @@ class Schedule:
     inventory_gpus: int | None = None
     notes: tuple[str, ...] = ()
     decisions: dict[str, float] = field(default_factory=dict)
+    planned_rps: np.ndarray | None = field(default=None, compare=False, repr=False)
+    planned_share: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def step_start(self, k: int) -> datetime:
         """Start of step ``k``."""

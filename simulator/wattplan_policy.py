@@ -1,24 +1,95 @@
 """The one place where the simulator calls the project's forecaster and optimizer.
 
-The wattplan policy (and the forecast-driven baselines) plan through the same code the
-``plan_cluster`` DAG runs (``wattplan.jobs.forecast_load`` and ``propose_plan``):
-``forecasting.peak.forecast_peak`` on :class:`~wattplan.domain.TypeWindow` history, then
-``optimizer.solve.solve_layout`` on :class:`~optimizer.inputs.PlanInputs` built the way
-``propose_plan`` builds them. When the forecasting (statsmodels) or optimizer (full MILP)
-work lands, re-point :func:`forecast_pool` and :func:`solve` here and nothing else.
+The wattplan policy plans through the same code the ``plan_cluster`` DAG runs
+(``wattplan.jobs.forecast_load`` and ``propose_plan``): :class:`DagForecaster` runs
+``forecasting.planning.plan_forecasts`` (statsmodels candidates selected per series by
+backtest, refitted at most ``forecast_refits_per_run`` series per run when due, filtered
+through stored parameters in between, persistence-peak fallback for short histories) on
+planning-window series, keeping the series states between runs as the DAG keeps them in
+PostgreSQL; :func:`solve` runs ``optimizer.solve.solve_layout`` on
+:class:`~optimizer.inputs.PlanInputs` built the way ``propose_plan`` builds them.
+
+The forecast-driven baselines (ScaleInst, ScaleShard, ScaleFreq, the heuristic) forecast
+every simulation step with :func:`forecast_pool` (``forecasting.peak``: persistence of the
+last peak times a quantile of its growth), which is cheap enough to call per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from forecasting.peak import ForecastSpec, forecast_peak
+from forecasting.planning import StateKey, plan_forecasts
+from forecasting.selection import ForecastConfig, SeriesState
+from forecasting.series import LoadSeries
 from optimizer.inputs import PlanInputs, Reconfiguration, SolverOptions
 from optimizer.solve import solve_layout
 from wattplan.domain import Layout, LoadForecast, Profile, TypeWindow
 from wattplan.errors import InfeasiblePlanError, SolverError
+
+
+@dataclass
+class DagForecaster:
+    """``plan_forecasts`` run after run, with the series states kept in memory.
+
+    Attributes:
+        config: The forecaster's settings (``wattplan.jobs.forecast_config``).
+        max_refreshes: Most series refitted per run (``WATTPLAN_FORECAST_REFITS_PER_RUN``).
+        states: Series states by (service, request type, target), as the DAG stores them.
+        runs: Runs so far; ``refits``: series refitted; ``fallbacks``: pool forecasts
+            with a fallback reason (the persistence peak for a short or not yet fitted
+            history, a baseline selected for want of history, the level-shift guard).
+        models: Pool forecasts per model that made them.
+    """
+
+    config: ForecastConfig
+    max_refreshes: int = 2
+    states: dict[StateKey, SeriesState] = field(default_factory=dict)
+    runs: int = 0
+    refits: int = 0
+    fallbacks: int = 0
+    models: dict[str, int] = field(default_factory=dict)
+
+    def forecast(
+        self,
+        series: Sequence[LoadSeries],
+        windows: Sequence[TypeWindow],
+        at_step: int,
+        target_step: int,
+    ) -> list[LoadForecast]:
+        """Forecasts of every pool for the planning window at epoch step ``target_step``.
+
+        Args:
+            series: Per-pool planning-window series ending just before ``at_step`` (the
+                last window may be partly observed, as when the DAG runs early).
+            windows: The observed (ingest) windows the series were built from; the
+                fallback forecaster reads them.
+            at_step: Epoch step of the first window not in ``series``.
+            target_step: Epoch step of the planned window (``>= at_step``): forecast
+                ``target_step - at_step + 1`` windows ahead.
+        """
+        horizon = target_step - at_step + 1
+        config = (
+            self.config if horizon == self.config.horizon else replace(self.config, horizon=horizon)
+        )
+        result = plan_forecasts(
+            windows, series, self.states, at_step, config, max_refreshes=self.max_refreshes
+        )
+        self.states = {(s.service, s.request_type, s.target): s for s in result.states}
+        self.runs += 1
+        self.refits += len(result.refreshed)
+        out = []
+        for record in result.records:
+            if record.horizon_steps != horizon:
+                continue
+            if record.fallback_reason:
+                self.fallbacks += 1
+            model = record.forecast.method
+            self.models[model] = self.models.get(model, 0) + 1
+            out.append(record.forecast)
+        return out
 
 
 @dataclass(frozen=True)
@@ -63,8 +134,8 @@ def forecast_pool(
 ) -> LoadForecast:
     """Forecast one pool's load for ``[window_start, window_start + window_s)``.
 
-    The DAG's forecaster (``jobs.forecast_load``): ``forecast_peak`` with the settings'
-    forecast quantile.
+    The persistence-peak forecaster (``forecasting.peak``) the DAG falls back to, with the
+    settings' forecast quantile: what the per-step baselines use.
     """
     return forecast_peak(history, window_start, window_s, ForecastSpec(quantile=quantile))
 

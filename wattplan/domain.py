@@ -211,10 +211,39 @@ class LayoutItem:
 
 
 @dataclass(frozen=True)
+class DispatchShare:
+    """Share of one request type's requests that the router sends to one pool.
+
+    The optimizer may carry part of a type's load in the pool of a componentwise-larger
+    type of the same service (spill); the plan says so with these shares.
+    """
+
+    service: str
+    request_type: str  # the type whose requests are split
+    pool: str  # the pool (a request type of the same service) that takes this share
+    share: float  # in (0, 1]; a type's shares sum to 1
+
+
+@dataclass(frozen=True)
 class Layout:
-    """A whole cluster layout: what runs, per pool."""
+    """A whole cluster layout: what runs, per pool.
+
+    ``dispatch`` says how the router splits a type's requests over pools of its service
+    when the plan spills part of its load (empty, or a type not named: all of a type's
+    requests go to its own pool). The executor and the agent's wire format carry only the
+    items; the dispatch is the router's.
+    """
 
     items: tuple[LayoutItem, ...] = ()
+    dispatch: tuple[DispatchShare, ...] = ()
+
+    def dispatch_of(self, service: str, request_type: str) -> tuple[tuple[str, float], ...]:
+        """``((pool, share), ...)`` of one type, or ``()`` when the layout names none."""
+        return tuple(
+            (d.pool, d.share)
+            for d in self.dispatch
+            if d.service == service and d.request_type == request_type
+        )
 
     @property
     def gpus(self) -> int:

@@ -82,3 +82,19 @@ def test_planned_rate_is_at_least_the_point_forecasts(daily: Callable[..., LoadS
         assert f.planned_rate_rps >= f.peak_rate_rps >= f.mean_rate_rps > 0
         assert r.peak_quantiles["0.95"] <= f.planned_rate_rps + 1e-9
         assert r.calibration.startswith("mean: conformal")
+
+
+def test_fallback_forecasts_further_ahead_persist_a_longer_span() -> None:
+    # Too short for any model: the persistence-peak fallback. h windows ahead it persists
+    # the peak of the last h + 1 windows (here a dip in the last window does not hide
+    # the busier one before it).
+    peaks = np.array([10.0, 12.0, 9.0, 11.0, 10.0, 30.0, 4.0])
+    s = LoadSeries("svc", "MS", 1000, 1800, peaks / 2, peaks)
+    config = ForecastConfig(horizon=3)
+    result = plan_forecasts(_windows(s), [s], {}, s.end_step, config, max_refreshes=2)
+    records = sorted(result.records, key=lambda r: r.horizon_steps)
+    assert [r.horizon_steps for r in records] == [1, 2, 3]
+    assert all(r.fallback_reason for r in records)
+    assert [r.forecast.peak_rate_rps for r in records] == [4.0, 30.0, 30.0]
+    planned = [r.forecast.planned_rate_rps for r in records]
+    assert planned[0] >= 4.0 and planned[1] >= 30.0 and planned[2] >= 30.0

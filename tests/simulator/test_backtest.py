@@ -46,6 +46,14 @@ def test_backtest_on_an_azure_slice_writes_results_and_a_plot(
         assert p["energy_kwh"] > 0 and p["carbon_kg"] > 0 and p["cost_usd"] > 0
         assert "series" not in p  # per-step series only in results.json
     assert policies["singlepool"]["saving_vs_singlepool"] == 0
+    # Planning policies say why requests missed: the causes add up to the misses per type.
+    assert "slo_miss_causes" not in policies["heuristic"]
+    for name in ("wattplan", "oracle"):
+        causes = policies[name]["slo_miss_causes"]
+        for pool, attained in policies[name]["slo_attainment"].items():
+            if attained is not None:
+                assert sum(causes[pool].values()) == pytest.approx(1 - attained, abs=1e-3)
+    assert all(c["under_forecast"] == 0 for c in policies["oracle"]["slo_miss_causes"].values())
     assert policies["oracle"]["energy_kwh"] <= policies["singlepool"]["energy_kwh"]
     assert set(doc["targets"]) >= {
         "saving_ge_0.5",

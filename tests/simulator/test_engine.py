@@ -11,7 +11,7 @@ from simulator.engine import SimResult, simulate_rates, simulate_requests
 from simulator.model import POOL_ALL, ProfileTable, ReconfigCosts
 from simulator.schedule import Schedule
 from tests.simulator.conftest import START, config, layout, rate_workload
-from wattplan.domain import Layout, LayoutItem
+from wattplan.domain import DispatchShare, Layout, LayoutItem
 from wattplan.errors import InputDataError
 
 
@@ -103,6 +103,30 @@ def test_a_type_without_a_pool_spills_to_another_pool_of_its_service(table: Prof
         assert r.rerouted[1].sum() == pytest.approx(r.requests[1].sum())
         assert r.unserved.sum() == 0
         assert r.attainment()[1] > 0.99
+
+
+def test_the_plans_dispatch_splits_a_type_over_pools_in_both_modes(table: ProfileTable) -> None:
+    # SS: 14 rps; its own TP2 pool carries 6 (60% of 10), 8 spill to the MS pool (TP4 for
+    # MS carries 9, MS itself brings 3.5 rps). Without the dispatch SS alone overloads TP2.
+    workload = rate_workload({"SS": [14.0] * 6, "MS": [3.5] * 6})
+    items = layout(SS=(config(2), 1), MS=(config(4), 2)).items
+    shares = (
+        DispatchShare("svc", "SS", "SS", 6.0 / 14.0),
+        DispatchShare("svc", "SS", "MS", 8.0 / 14.0),
+    )
+    split = _schedule([Layout(items, shares)] * 6)
+    window, request = _both(workload, split, table)
+    for r in (window, request):
+        assert r.attainment().min() > 0.99
+        assert r.rerouted.sum() == 0 and r.unserved.sum() == 0
+    assert request.energy_j.sum() == pytest.approx(window.energy_j.sum(), rel=0.02)
+    att_w, att_r = window.attainment(), request.attainment()
+    assert np.abs(att_w - att_r).max() < 0.005
+    for p in range(2):
+        assert request.run_ttft_p99_s[p] == pytest.approx(window.run_ttft_p99_s[p], rel=0.10)
+    # The same instances without the dispatch: SS's pool is overloaded.
+    alone = simulate_rates(workload, _schedule([Layout(items)] * 6), table)
+    assert alone.attainment()[0] < 0.5
 
 
 def test_requests_without_any_instance_are_unserved(table: ProfileTable) -> None:
