@@ -166,9 +166,14 @@ def api(
 
 
 def _parked(api: AirflowApi, lc: Any) -> dict[str, Any]:
-    (detail,) = lc.wait_for(lambda: api.waiting(), timeout_s=180, every_s=0.5)
+    """The approval request once its task is parked (the request is written a moment
+    before the task instance's state turns to ``awaiting_input``: wait for both)."""
+
+    def parked() -> list[dict[str, Any]]:
+        return [d for d in api.waiting() if d["task_instance"]["state"] == "awaiting_input"]
+
+    (detail,) = lc.wait_for(parked, timeout_s=180, every_s=0.5)
     assert detail["task_instance"]["task_id"] == "approve_plan"
-    assert detail["task_instance"]["state"] == "awaiting_input"
     time.sleep(2.0)
     return detail
 
