@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from agent.backends import Backend, SimulatedBackend
-from agent.control import ControlLoops, ControlSettings
+from agent.control import ControlLoops, ControlSettings, planned_loads
 from agent.runner import Applier
 from agent.state import (
     APPLYING,
@@ -81,7 +82,10 @@ def _twin_writer(telemetry: TwinTelemetry) -> Callable[[AgentState, PlanRecord],
             )
             return
         start = datetime.fromtimestamp(version, UTC)
-        path = telemetry.write_window(state.instances, start)
+        policy = record.request.policy
+        # Instances the plan's policy gives no load to (NaN) get the twin's stand-in power.
+        loads = planned_loads(policy, state.instances, math.nan) if policy is not None else None
+        path = telemetry.write_window(state.instances, start, loads)
         log.info("plan %s: twin telemetry in %s", record.plan_id, path)
         if telemetry.clock_replay is not None:
             changes = telemetry.clock_replay.run(state.instances, record.request.policy, start)

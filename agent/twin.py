@@ -14,16 +14,22 @@ the node collector's spool format (:mod:`telemetry.gpu_spool`), as one closed fi
 spool folder. The ``telemetry_ingest`` DAG loads it like any collector's file, so the loop
 plan -> agent -> telemetry -> database closes without GPUs.
 
-The power model is deliberately simple and says so: each GPU of an instance draws
-``power_cap_w x (idle_fraction + (1 - idle_fraction) x utilization)`` at a constant
-utilization, its SM clock is the locked clock (or ``default_clock_mhz``), and the NVML-style
-energy counter integrates that power. It is a stand-in until the simulator package drives
-the twin with load; nothing here is a measurement.
+Power: an instance with a profile in the default profile table (``data/profiles/v1.csv``,
+keyed by its serving config, clock included, and request type) draws the profile's power at
+its planned mean load (its share of the pool's ``dispatch_mean`` in the plan's clock policy,
+as the control loops read it), split evenly over its GPUs, constant over the window; its
+utilization is that load over the profile's SLO capacity. An instance without a profile (or
+a plan without a policy) falls back to a stand-in: ``power_cap_w x (idle_fraction + (1 -
+idle_fraction) x utilization)`` at a constant utilization. The SM clock is the locked clock
+(or ``default_clock_mhz``), and the NVML-style energy counter integrates the power. The
+twin does not see the requests that really arrive; nothing here is a measurement.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import re
 import threading
@@ -45,8 +51,11 @@ from agent.instance_twin import (
 from agent.metrics import format_metrics
 from agent.performance import instance_performance
 from agent.rollout import Instance
+from profiles import load_profiles
 from telemetry.gpu import PART_SUFFIX, spool_file_name
 from telemetry.gpu_spool import SPOOL_HEADER, format_spool_line
+from wattplan.domain import Profile
+from wattplan.settings import PROJECT_ROOT
 
 if TYPE_CHECKING:
     from agent.control import WindowClockReplay
@@ -111,17 +120,34 @@ class TwinTelemetry:
         self.model = model or TwinModel()
         self._energy_mj: dict[int, tuple[datetime, float]] = {}
 
-    def lines(self, instances: Sequence[Instance], start: datetime) -> list[str]:
-        """Sample lines of every GPU of ``instances`` over ``[start, start + window_s)``."""
+    def _gpu_power(self, inst: Instance, loads: Mapping[str, float] | None) -> tuple[float, float]:
+        """Power (W) and utilization (0..1) of each GPU of ``inst`` (module docstring)."""
+        profile = _default_profiles().get((inst.config.key, inst.request_type))
+        load = (loads or {}).get(inst.instance_id, math.nan)
+        if profile is None or not math.isfinite(load):
+            return self.model.power_w(inst.config.power_cap_w), self.model.utilization
+        load = min(max(load, 0.0), profile.capacity_rps)
+        gpus = len(inst.gpus) or inst.config.gpus
+        return profile.power_w(load) / gpus, load / profile.capacity_rps
+
+    def lines(
+        self,
+        instances: Sequence[Instance],
+        start: datetime,
+        loads: Mapping[str, float] | None = None,
+    ) -> list[str]:
+        """Sample lines of every GPU of ``instances`` over ``[start, start + window_s)``;
+        ``loads``: each instance's planned mean rate (req/s; NaN or absent: none)."""
         m = self.model
         gpus = sorted((gpu, inst) for inst in instances for gpu in inst.gpus)
+        per_gpu = {inst.instance_id: self._gpu_power(inst, loads) for inst in instances}
         out = []
         steps = int(self.window_s / self.interval_s)
         # A GPU's counter runs on from its last sample (as NVML's does), starting at 0.
         for k in range(steps):
             at = start + timedelta(seconds=k * self.interval_s)
             for gpu, inst in gpus:
-                power = m.power_w(inst.config.power_cap_w)
+                power, utilization = per_gpu[inst.instance_id]
                 last_at, energy = self._energy_mj.get(gpu, (at, 0.0))
                 energy += power * max((at - last_at).total_seconds(), 0.0) * 1000.0
                 self._energy_mj[gpu] = (at, energy)
@@ -140,7 +166,7 @@ class TwinTelemetry:
                             "memory_clock_mhz": m.memory_clock_mhz,
                             "applied_sm_clock_mhz": clock,
                             "power_limit_w": float(inst.config.power_cap_w),
-                            "utilization_pct": round(m.utilization * 100, 3),
+                            "utilization_pct": round(utilization * 100, 3),
                             "memory_used_bytes": m.memory_used_bytes,
                             "temperature_c": m.temperature_c,
                         }
@@ -148,12 +174,17 @@ class TwinTelemetry:
                 )
         return out
 
-    def write_window(self, instances: Sequence[Instance], start: datetime) -> Path | None:
+    def write_window(
+        self,
+        instances: Sequence[Instance],
+        start: datetime,
+        loads: Mapping[str, float] | None = None,
+    ) -> Path | None:
         """Write the window's samples as one closed spool file (``None``: no instances).
 
         The file appears atomically (written as ``.part``, then renamed).
         """
-        lines = self.lines(instances, start)
+        lines = self.lines(instances, start, loads)
         if not lines:
             return None
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +200,16 @@ class TwinTelemetry:
 
 
 log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _default_profiles() -> dict[tuple[str, str], Profile]:
+    """The default profile table by (config key, request type)."""
+    return {
+        (p.config.key, p.request_type): p
+        for p in load_profiles(PROJECT_ROOT / "data" / "profiles" / "v1.csv")
+    }
+
 
 _METRICS_PATH = re.compile(r"/instances/([A-Za-z0-9_.:@+-]{1,256})/metrics")
 

@@ -91,3 +91,40 @@ def test_twin_counters_keep_growing_across_windows(tmp_path: Path) -> None:
     energy = [int(line.split("\t")[5]) for line in first + second]
     assert energy == sorted(energy) and energy[0] == 0
     assert energy[-1] == pytest.approx(TwinModel().power_w(300) * 10 * 1000 * 11, rel=1e-6)
+
+
+def test_twin_power_follows_the_profile_at_the_plans_load(tmp_path: Path) -> None:
+    """A profiled instance draws the default table's power at its planned mean load; one
+    the plan gives no load (NaN) or that has no profile keeps the stand-in."""
+    import math
+
+    from agent.rollout import Instance
+    from profiles import load_profiles
+    from wattplan.domain import ServingConfig
+    from wattplan.settings import PROJECT_ROOT
+
+    table = load_profiles(PROJECT_ROOT / "data" / "profiles" / "v1.csv")
+    profile = next(
+        p
+        for p in table
+        if p.config.model == "llama2-70b"
+        and p.config.gpu_type == "H100-80GB"
+        and p.config.tp == 4
+        and p.config.clock_mhz == 1400
+        and p.request_type == "MM"
+    )
+    twin = TwinTelemetry(tmp_path, "c", window_s=20, interval_s=10)
+    planned = Instance("i00001", "chat", "MM", profile.config, (0, 1, 2, 3))
+    unplanned = Instance("i00002", "chat", "MM", profile.config, (4, 5, 6, 7))
+    unknown = Instance("i00003", "chat", "MM", ServingConfig("m", "H100", 1, 300), (8,))
+    load = profile.capacity_rps / 3
+    lines = twin.lines([planned, unplanned, unknown], W, {"i00001": load, "i00002": math.nan})
+    power = {int(line.split("\t")[3]): float(line.split("\t")[6]) for line in lines}
+    utilization = {int(line.split("\t")[3]): float(line.split("\t")[11]) for line in lines}
+    expected = profile.power_w(load) / 4
+    assert profile.idle_power_w / 4 < expected < profile.power_at_capacity_w / 4
+    assert [power[g] for g in range(4)] == [pytest.approx(expected, abs=1e-3)] * 4
+    assert utilization[0] == pytest.approx(100 / 3, abs=1e-3)
+    stand_in = TwinModel()
+    assert power[4] == pytest.approx(stand_in.power_w(700), abs=1e-3)
+    assert power[8] == pytest.approx(stand_in.power_w(300), abs=1e-3)
