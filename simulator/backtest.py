@@ -201,6 +201,7 @@ def run_backtest(config: BacktestConfig, settings: Settings) -> dict[str, Any]:
             solver_mip_gap=settings.solver_mip_gap,
             forecast_config=forecast_config(settings),
             forecast_refits_per_run=settings.forecast_refits_per_run,
+            target_utilization=settings.target_utilization,
             progress=_say,
         )
 

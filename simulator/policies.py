@@ -80,6 +80,8 @@ class PolicyContext:
         forecast_config: The DAG's forecaster settings for the wattplan policy
             (``wattplan.jobs.forecast_config``; None: defaults at ``forecast_quantile``).
         forecast_refits_per_run: Most forecast series refitted per wattplan plan.
+        target_utilization: Planning headroom of the wattplan policy's plans
+            (``WATTPLAN_TARGET_UTILIZATION``); the oracle plans at 1.
         progress: Sink for progress lines.
     """
 
@@ -100,6 +102,7 @@ class PolicyContext:
     solver_mip_gap: float = 0.01
     forecast_config: ForecastConfig | None = None
     forecast_refits_per_run: int = 2
+    target_utilization: float = 1.0
     progress: Progress | None = field(default=None, compare=False)
 
     @property
@@ -621,6 +624,7 @@ def _plan_windows(
     forecasts_for: Callable[[int, int], list[LoadForecast]],
     startup_s: float,
     free: bool,
+    target_utilization: float = 1.0,
 ) -> Schedule:
     window = ctx.steps_of(ctx.plan_window_s)
     profiles = _milp_profiles(ctx)
@@ -653,6 +657,7 @@ def _plan_windows(
             gpu_usd_per_hour=ctx.grid.gpu_usd_per_hour if ctx.grid else 0.0,
             time_limit_s=ctx.solver_time_limit_s,
             mip_gap=ctx.solver_mip_gap,
+            target_utilization=target_utilization,
         )
         t0 = time.perf_counter()
         forecasts = forecasts_for(k, steps)
@@ -717,7 +722,14 @@ def wattplan(ctx: PolicyContext) -> Schedule:
     def forecasts(k: int, steps: int) -> list[LoadForecast]:
         return fc.forecasts(k - lead, k)
 
-    schedule = _plan_windows(ctx, "wattplan", forecasts, ctx.costs.startup_s, free=False)
+    schedule = _plan_windows(
+        ctx,
+        "wattplan",
+        forecasts,
+        ctx.costs.startup_s,
+        free=False,
+        target_utilization=ctx.target_utilization,
+    )
     dag = fc.dag
     schedule.decisions.update(
         forecast_runs=dag.runs,
