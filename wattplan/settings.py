@@ -129,7 +129,7 @@ class Settings:
     gpu_inventory: int = 256
     gpu_type: str = "H100-80GB"
     forecast_quantile: float = 0.95
-    target_utilization: float = 1.0
+    target_utilization: float = 0.85
     carbon_zone: str = "US-CAL-CISO"
     solver_time_limit_s: float = 20.0
     solver_mip_gap: float = 0.01
@@ -192,7 +192,7 @@ class Settings:
             gpu_inventory=_int(env, "WATTPLAN_GPU_INVENTORY", 256),
             gpu_type=env.get("WATTPLAN_GPU_TYPE") or "H100-80GB",
             forecast_quantile=_float(env, "WATTPLAN_FORECAST_QUANTILE", 0.95),
-            target_utilization=_float(env, "WATTPLAN_TARGET_UTILIZATION", 1.0),
+            target_utilization=_float(env, "WATTPLAN_TARGET_UTILIZATION", 0.85),
             carbon_zone=env.get("WATTPLAN_CARBON_ZONE") or "US-CAL-CISO",
             solver_time_limit_s=_float(env, "WATTPLAN_SOLVER_TIME_LIMIT_S", 20.0),
             solver_mip_gap=_float(env, "WATTPLAN_SOLVER_MIP_GAP", 0.01),

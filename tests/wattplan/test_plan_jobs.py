@@ -26,6 +26,7 @@ def _profile(config: ServingConfig, rtype: str = "MM") -> Profile:
 def _seed(engine: sa.Engine, peak_rps: float) -> Settings:
     settings = replace(
         Settings.from_env({}),
+        target_utilization=1.0,  # sized at SLO capacity: the counts below are exact
         cluster="c1",
         gpu_inventory=8,
         profile_version="t1",
