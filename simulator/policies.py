@@ -17,8 +17,10 @@ Registered by name in :data:`POLICIES` (DOMAIN.md section 9 for the baselines):
   those GPUs every ``pool_period_s``, the slowest sufficient clock every step, and the
   instance-level governor between steps.
 - ``wattplan``: the project's forecaster and MILP (:mod:`simulator.wattplan_policy`), one
-  plan per ``plan_window_s``, counting start-up costs against the running layout; the
-  serving side runs the instance-level governor.
+  plan per ``plan_window_s``, counting start-up costs against the running layout, each
+  pool sized for its planned rate over ``target_utilization``, and an out-of-cycle
+  re-plan of the rest of a window when a pool's observed rate beats its planned rate
+  (``surge_replan``); the serving side runs the instance-level governor.
 - ``oracle``: the same MILP given each window's true peak and mean load, with free
   reconfiguration: a lower bound, not a plan anyone can run.
 
