@@ -19,6 +19,25 @@ CLOCK_MODES = ("envelope", "explicit")
 _CLASS_ORDER = {"S": 0, "M": 1, "L": 2}
 
 
+def sized_demand_rps(planned_rps: float, target_utilization: float) -> float:
+    """The load a pool is sized for: its planned rate over the target utilization.
+
+    Planning headroom (``WATTPLAN_TARGET_UTILIZATION``): with ``target_utilization`` u < 1,
+    the MILP must give a pool ``planned_rps / u`` of SLO capacity, so at the planned rate
+    its instances run at most u of their SLO capacity. The profiles define SLO capacity as
+    the rate where P99 reaches the SLO, so a pool planned exactly at it misses about 1% of
+    its requests, and any under-forecast more; the headroom is what absorbs forecast error
+    within a window. The mean load (energy) is not scaled: the headroom costs instances,
+    not load. ``jobs.plan_inputs`` and the simulator's wattplan policy both call this.
+
+    Raises:
+        PlanInputError: ``target_utilization`` outside ``(0, 1]``.
+    """
+    if not (math.isfinite(target_utilization) and 0 < target_utilization <= 1):
+        raise PlanInputError(f"target_utilization={target_utilization} must be in (0, 1]")
+    return planned_rps / target_utilization
+
+
 def larger_or_equal(small: str, large: str) -> bool:
     """Whether requests of type ``small`` may be served by the pool of type ``large``.
 

@@ -58,6 +58,7 @@ class BacktestConfig:
     profiles_path: Path | None = None
     profiles_from_db: bool = False
     seed: int = 0
+    surge_replan: bool = True
 
 
 def load_profile_set(settings: Settings, config: BacktestConfig) -> list[Profile]:
@@ -201,6 +202,8 @@ def run_backtest(config: BacktestConfig, settings: Settings) -> dict[str, Any]:
             solver_mip_gap=settings.solver_mip_gap,
             forecast_config=forecast_config(settings),
             forecast_refits_per_run=settings.forecast_refits_per_run,
+            target_utilization=settings.target_utilization,
+            surge_replan=config.surge_replan,
             progress=_say,
         )
 
@@ -584,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the load scaling (request traces)"
     )
+    parser.add_argument(
+        "--no-surge-replan",
+        action="store_true",
+        help="wattplan policy: no out-of-cycle re-plan when a pool's observed rate exceeds "
+        "its planned rate (one plan per window only)",
+    )
     return parser
 
 
@@ -613,6 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             profiles_path=args.profiles,
             profiles_from_db=args.profiles_from_db,
             seed=args.seed,
+            surge_replan=not args.no_surge_replan,
         )
         document = run_backtest(config, Settings.from_env())
     except WattplanError as exc:

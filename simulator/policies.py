@@ -17,8 +17,10 @@ Registered by name in :data:`POLICIES` (DOMAIN.md section 9 for the baselines):
   those GPUs every ``pool_period_s``, the slowest sufficient clock every step, and the
   instance-level governor between steps.
 - ``wattplan``: the project's forecaster and MILP (:mod:`simulator.wattplan_policy`), one
-  plan per ``plan_window_s``, counting start-up costs against the running layout; the
-  serving side runs the instance-level governor.
+  plan per ``plan_window_s``, counting start-up costs against the running layout, each
+  pool sized for its planned rate over ``target_utilization``, and an out-of-cycle
+  re-plan of the rest of a window when a pool's observed rate beats its planned rate
+  (``surge_replan``); the serving side runs the instance-level governor.
 - ``oracle``: the same MILP given each window's true peak and mean load, with free
   reconfiguration: a lower bound, not a plan anyone can run.
 
@@ -80,6 +82,10 @@ class PolicyContext:
         forecast_config: The DAG's forecaster settings for the wattplan policy
             (``wattplan.jobs.forecast_config``; None: defaults at ``forecast_quantile``).
         forecast_refits_per_run: Most forecast series refitted per wattplan plan.
+        target_utilization: Planning headroom of the wattplan policy's plans
+            (``WATTPLAN_TARGET_UTILIZATION``); the oracle plans at 1.
+        surge_replan: The wattplan policy re-plans the rest of a window out of cycle when
+            a pool's observed rate exceeds its planned rate (``_plan_windows``).
         progress: Sink for progress lines.
     """
 
@@ -100,6 +106,8 @@ class PolicyContext:
     solver_mip_gap: float = 0.01
     forecast_config: ForecastConfig | None = None
     forecast_refits_per_run: int = 2
+    target_utilization: float = 1.0
+    surge_replan: bool = True
     progress: Progress | None = field(default=None, compare=False)
 
     @property
@@ -615,26 +623,70 @@ def _milp_profiles(ctx: PolicyContext) -> tuple[Profile, ...]:
     )
 
 
+def _surge_floor(
+    ctx: PolicyContext, forecasts: list[LoadForecast], seen: int, visible_end: int
+) -> list[LoadForecast] | None:
+    """The plan's forecasts floored at the busiest rate seen since, if one was exceeded.
+
+    Steps ``[seen, visible_end)`` became visible after the plan in force was made. When a
+    pool's busiest-minute rate in them exceeds the rate the plan was asked to carry (its
+    forecast's planned rate), that forecast's planned rate (and peak) is raised to the
+    observed rate; None when no pool's was exceeded.
+    """
+    if visible_end <= seen:
+        return None
+    index = {pool: w for w, pool in enumerate(ctx.view.pools)}
+    out = []
+    surged = False
+    for f in forecasts:
+        w = index.get((f.service, f.request_type))
+        if w is None:
+            out.append(f)
+            continue
+        seen_peak = float(ctx.view.peak_rps[w, seen:visible_end].max())
+        if seen_peak > f.planned_rate_rps * (1 + 1e-9):
+            surged = True
+            f = replace(
+                f, planned_rate_rps=seen_peak, peak_rate_rps=max(f.peak_rate_rps, seen_peak)
+            )
+        out.append(f)
+    return out if surged else None
+
+
 def _plan_windows(
     ctx: PolicyContext,
     name: str,
     forecasts_for: Callable[[int, int], list[LoadForecast]],
     startup_s: float,
     free: bool,
+    target_utilization: float = 1.0,
+    surge_lead: int | None = None,
 ) -> Schedule:
+    """One MILP plan per planning window; with ``surge_lead``, out-of-cycle surge re-plans.
+
+    ``forecasts_for(k, steps)`` gives the forecasts of the window of ``steps`` steps from
+    step ``k``; a plan for a window from step ``k`` has seen steps before ``k - surge_lead``
+    (``forecasts_for`` enforces its own causality). With ``surge_lead``, at every later
+    step ``j`` of the window the steps before ``j - surge_lead`` not yet seen by the plan in
+    force are checked (:func:`_surge_floor`): when a pool's busiest-minute rate exceeded
+    its planned rate, the rest of the window is re-planned from the running layout with
+    that pool's planned rate floored at the observed rate (start-up costs counted, made
+    ``surge_lead`` steps ahead of ``j`` like a regular plan).
+    """
     window = ctx.steps_of(ctx.plan_window_s)
     profiles = _milp_profiles(ctx)
     current = Layout()
     layouts: list[Layout] = []
-    solves = kept = shrunk = 0
+    solves = kept = shrunk = replans = 0
     solve_s = forecast_s = 0.0
     notes: list[str] = []
     decisions = math.ceil(ctx.view.steps / window)
     planned = np.zeros((len(ctx.view.pools), ctx.view.steps))
     fitted = np.ones(ctx.view.steps)
     index = {pool: w for w, pool in enumerate(ctx.view.pools)}
-    for i, k in enumerate(range(0, ctx.view.steps, window)):
-        steps = min(window, ctx.view.steps - k)
+
+    def plan(k: int, steps: int, forecasts: list[LoadForecast]) -> tuple[Layout, dict[str, object]]:
+        nonlocal solve_s
         at = ctx.view.step_start(k)
         carbon = price = 0.0
         if ctx.grid is not None:
@@ -653,37 +705,66 @@ def _plan_windows(
             gpu_usd_per_hour=ctx.grid.gpu_usd_per_hour if ctx.grid else 0.0,
             time_limit_s=ctx.solver_time_limit_s,
             mip_gap=ctx.solver_mip_gap,
+            target_utilization=target_utilization,
         )
         t0 = time.perf_counter()
-        forecasts = forecasts_for(k, steps)
-        t1 = time.perf_counter()
         layout, record = wattplan_policy.solve(forecasts, request)
-        forecast_s += t1 - t0
-        solve_s += time.perf_counter() - t1
+        solve_s += time.perf_counter() - t0
         demand_share = record.get("demand_share", 1.0)
         assert isinstance(demand_share, int | float)
         fitted[k : k + steps] = 0.0 if record.get("kept_current") else float(demand_share)
         for f in forecasts:
             if (f.service, f.request_type) in index:
                 planned[index[(f.service, f.request_type)], k : k + steps] = f.planned_rate_rps
+        if record.get("kept_current") and len(notes) < 5:
+            notes.append(f"window {at.isoformat()}: {record.get('reason')}")
+        return layout, record
+
+    for i, k in enumerate(range(0, ctx.view.steps, window)):
+        steps = min(window, ctx.view.steps - k)
+        t0 = time.perf_counter()
+        forecasts = forecasts_for(k, steps)
+        forecast_s += time.perf_counter() - t0
+        layout, record = plan(k, steps, forecasts)
         solves += 1
-        if record.get("kept_current"):
-            kept += 1
-            if len(notes) < 5:
-                notes.append(f"window {at.isoformat()}: {record.get('reason')}")
-        elif "demand_share" in record:
-            shrunk += 1
+        kept += bool(record.get("kept_current"))
+        shrunk += "demand_share" in record and not record.get("kept_current")
         current = layout
         layouts.extend([layout] * steps)
+        seen = max(1, k - surge_lead) if surge_lead is not None else 0
+        for j in range(k + 1, k + steps) if surge_lead is not None else ():
+            visible_end = max(1, j - surge_lead)
+            floored = _surge_floor(ctx, forecasts, seen, visible_end)
+            seen = max(seen, visible_end)
+            if floored is None:
+                continue
+            forecasts = floored
+            layout, record = plan(j, k + steps - j, forecasts)
+            replans += 1
+            kept += bool(record.get("kept_current"))
+            shrunk += "demand_share" in record and not record.get("kept_current")
+            current = layout
+            layouts[j : k + steps] = [layout] * (k + steps - j)
         if decisions >= 10 and (i + 1) % max(1, decisions // 10) == 0:
             ctx.say(f"{name}: planned {i + 1}/{decisions} windows ({solve_s:.0f} s in the MILP)")
     if kept:
-        notes.append(f"{kept} of {solves} windows kept the running layout (no feasible plan)")
+        notes.append(
+            f"{kept} of {solves + replans} plans kept the running layout (no feasible plan)"
+        )
     if shrunk:
         notes.append(
-            f"{shrunk} of {solves} windows planned a share of the forecast: all of it did not "
-            "fit the cluster"
+            f"{shrunk} of {solves + replans} plans planned a share of the forecast: all of it "
+            "did not fit the cluster"
         )
+    decided: dict[str, float] = {
+        "plans": solves,
+        "kept_running_layout": kept,
+        "shrunk_to_fit": shrunk,
+        "solver_s": round(solve_s, 2),
+        "forecast_s": round(forecast_s, 2),
+    }
+    if surge_lead is not None:
+        decided["surge_replans"] = replans
     return Schedule(
         name,
         ctx.view.start_at,
@@ -693,13 +774,7 @@ def _plan_windows(
         clock_governor=True,
         inventory_gpus=ctx.gpu_inventory,
         notes=tuple(notes),
-        decisions={
-            "plans": solves,
-            "kept_running_layout": kept,
-            "shrunk_to_fit": shrunk,
-            "solver_s": round(solve_s, 2),
-            "forecast_s": round(forecast_s, 2),
-        },
+        decisions=decided,
         planned_rps=planned,
         planned_share=fitted,
     )
@@ -717,7 +792,15 @@ def wattplan(ctx: PolicyContext) -> Schedule:
     def forecasts(k: int, steps: int) -> list[LoadForecast]:
         return fc.forecasts(k - lead, k)
 
-    schedule = _plan_windows(ctx, "wattplan", forecasts, ctx.costs.startup_s, free=False)
+    schedule = _plan_windows(
+        ctx,
+        "wattplan",
+        forecasts,
+        ctx.costs.startup_s,
+        free=False,
+        target_utilization=ctx.target_utilization,
+        surge_lead=lead if ctx.surge_replan else None,
+    )
     dag = fc.dag
     schedule.decisions.update(
         forecast_runs=dag.runs,

@@ -24,7 +24,7 @@ from forecasting.peak import ForecastSpec, forecast_peak
 from forecasting.planning import StateKey, plan_forecasts
 from forecasting.selection import ForecastConfig, SeriesState
 from forecasting.series import LoadSeries
-from optimizer.inputs import PlanInputs, Reconfiguration, SolverOptions
+from optimizer.inputs import PlanInputs, Reconfiguration, SolverOptions, sized_demand_rps
 from optimizer.solve import solve_layout
 from wattplan.domain import Layout, LoadForecast, Profile, TypeWindow
 from wattplan.errors import InfeasiblePlanError, SolverError
@@ -112,6 +112,8 @@ class PlanRequest:
         shrink_when_infeasible: When no layout carries the forecast within the inventory,
             plan the largest uniform share of it that fits (the whole cluster, used as
             well as it can be) instead of keeping the running layout as the DAG does today.
+        target_utilization: Planning headroom (``WATTPLAN_TARGET_UTILIZATION``): each pool
+            is sized for its planned rate over this (``optimizer.inputs.sized_demand_rps``).
     """
 
     window_s: int
@@ -127,6 +129,7 @@ class PlanRequest:
     time_limit_s: float = 20.0
     mip_gap: float = 0.01
     shrink_when_infeasible: bool = True
+    target_utilization: float = 1.0
 
 
 def forecast_pool(
@@ -176,7 +179,11 @@ def _solve_once(
 ) -> tuple[Layout, dict[str, object]]:
     inputs = PlanInputs(
         window_s=request.window_s,
-        demand_rps={(f.service, f.request_type): share * f.planned_rate_rps for f in forecasts},
+        demand_rps={
+            (f.service, f.request_type): share
+            * sized_demand_rps(f.planned_rate_rps, request.target_utilization)
+            for f in forecasts
+        },
         mean_rps={
             (f.service, f.request_type): share * min(f.mean_rate_rps, f.planned_rate_rps)
             for f in forecasts
@@ -211,7 +218,8 @@ def _fitting_share(forecasts: Sequence[LoadForecast], request: PlanRequest) -> f
             if p.config.model == model and p.request_type == f.request_type
         ]
         if per_gpu and f.planned_rate_rps > 0:
-            gpus_needed += f.planned_rate_rps / max(per_gpu)
+            sized = sized_demand_rps(f.planned_rate_rps, request.target_utilization)
+            gpus_needed += sized / max(per_gpu)
     if gpus_needed <= 0:
         return 0.9
     return min(0.98, 0.98 * request.gpu_inventory / gpus_needed)

@@ -26,6 +26,7 @@ from optimizer.inputs import (
     PowerDomain,
     Reconfiguration,
     SolverOptions,
+    sized_demand_rps,
 )
 from optimizer.solve import Solution, solve_layout
 from profiles.table import ProfileRecord, load_profile_records
@@ -342,7 +343,8 @@ def plan_inputs(
 
     The cluster is one power domain (``WATTPLAN_POWER_BUDGET_W``; none when 0) holding the
     whole inventory of ``WATTPLAN_GPU_TYPE``. Re-shard and clock-change times are capped at
-    the start-up time (a cheaper way never costs more than a cold start).
+    the start-up time (a cheaper way never costs more than a cold start). Each pool is sized
+    for its planned rate over ``WATTPLAN_TARGET_UTILIZATION`` (planning headroom).
     """
     inventory = {settings.gpu_type: settings.gpu_inventory}
     domains = (
@@ -361,7 +363,12 @@ def plan_inputs(
     weights = {name: float(value) for name, value in settings.objective_weights}
     return PlanInputs(
         window_s=settings.window_s,
-        demand_rps={(f.service, f.request_type): f.planned_rate_rps for f in forecasts},
+        demand_rps={
+            (f.service, f.request_type): sized_demand_rps(
+                f.planned_rate_rps, settings.target_utilization
+            )
+            for f in forecasts
+        },
         mean_rps={
             (f.service, f.request_type): min(f.mean_rate_rps, f.planned_rate_rps) for f in forecasts
         },

@@ -76,6 +76,8 @@ class Settings:
         gpu_inventory: GPUs of the planned GPU type available to the cluster.
         gpu_type: The GPU type planned for.
         forecast_quantile: Upper quantile of the forecast peak rate the planner sizes for.
+        target_utilization: Planning headroom: each pool gets SLO capacity for its planned
+            rate divided by this (1: planned exactly at SLO capacity).
         carbon_zone: Electricity Maps zone id for carbon intensity and prices.
         solver_time_limit_s: Wall-clock limit handed to HiGHS.
         solver_mip_gap: Relative MIP gap at which HiGHS stops.
@@ -127,6 +129,7 @@ class Settings:
     gpu_inventory: int = 256
     gpu_type: str = "H100-80GB"
     forecast_quantile: float = 0.95
+    target_utilization: float = 0.85
     carbon_zone: str = "US-CAL-CISO"
     solver_time_limit_s: float = 20.0
     solver_mip_gap: float = 0.01
@@ -189,6 +192,7 @@ class Settings:
             gpu_inventory=_int(env, "WATTPLAN_GPU_INVENTORY", 256),
             gpu_type=env.get("WATTPLAN_GPU_TYPE") or "H100-80GB",
             forecast_quantile=_float(env, "WATTPLAN_FORECAST_QUANTILE", 0.95),
+            target_utilization=_float(env, "WATTPLAN_TARGET_UTILIZATION", 0.85),
             carbon_zone=env.get("WATTPLAN_CARBON_ZONE") or "US-CAL-CISO",
             solver_time_limit_s=_float(env, "WATTPLAN_SOLVER_TIME_LIMIT_S", 20.0),
             solver_mip_gap=_float(env, "WATTPLAN_SOLVER_MIP_GAP", 0.01),
@@ -308,6 +312,10 @@ class Settings:
         ):
             if value < 0:
                 problems.append(f"{key}={value} must be >= 0")
+        if not 0.5 <= self.target_utilization <= 1:
+            problems.append(
+                f"WATTPLAN_TARGET_UTILIZATION={self.target_utilization} must be in [0.5, 1]"
+            )
         if self.hysteresis < 1:
             problems.append(f"WATTPLAN_HYSTERESIS={self.hysteresis} must be >= 1")
         if self.max_changes is not None and self.max_changes < 0:

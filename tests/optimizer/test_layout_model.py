@@ -20,6 +20,7 @@ from optimizer.inputs import (
     Reconfiguration,
     SolverOptions,
     larger_or_equal,
+    sized_demand_rps,
 )
 from optimizer.model import build_model
 from optimizer.solve import solve_layout
@@ -576,3 +577,11 @@ def test_invalid_inputs_name_the_offending_keys() -> None:
 def test_domains_must_hold_the_whole_inventory() -> None:
     with pytest.raises(PlanInputError, match="power_domains hold 4 H100-80GB GPUs but"):
         solve_layout(_inputs(power_domains=(PowerDomain("row", 1e6, {GPU: 4}),)))
+
+
+def test_target_utilization_scales_the_sized_load_and_refuses_bad_values() -> None:
+    assert sized_demand_rps(8.5, 1.0) == 8.5
+    assert sized_demand_rps(8.5, 0.85) == pytest.approx(10.0)
+    for bad in (0.0, -0.5, 1.2, math.nan):
+        with pytest.raises(PlanInputError, match="target_utilization"):
+            sized_demand_rps(8.5, bad)

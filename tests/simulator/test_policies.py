@@ -100,6 +100,52 @@ def test_wattplan_plans_through_the_milp_and_covers_a_steady_load(table, profile
     assert len(configs) == 1
 
 
+def test_wattplan_target_utilization_caps_the_planned_utilization(table, profiles) -> None:
+    view = view_of(rate_workload({"SS": [8.0] * 6}, cv=0.0), 600)
+    t = table.type("SS")
+
+    def capacity(layout: Layout) -> float:  # one type: every pool may carry it (spill)
+        return sum(
+            i.instances * float(np.nan_to_num(table.capacity_rps[table.config(i.config.key), t]))
+            for i in layout.items
+        )
+
+    loose = run_policy("wattplan", _context(table, profiles, view))
+    assert (
+        min(
+            capacity(layout) / planned
+            for layout, planned in zip(loose.layouts, loose.planned_rps[0], strict=True)
+        )
+        < 1 / 0.8
+    )  # at SLO capacity, the plan runs above 80% of it
+    tight = run_policy("wattplan", _context(table, profiles, view, target_utilization=0.8))
+    for layout, planned in zip(tight.layouts, tight.planned_rps[0], strict=True):
+        assert planned >= 8.0 - 1e-9
+        assert capacity(layout) >= planned / 0.8 - 1e-6
+    # the oracle is a bound: it plans at SLO capacity whatever the headroom
+    oracle = run_policy("oracle", _context(table, profiles, view, target_utilization=0.8))
+    assert oracle.layouts == run_policy("oracle", _context(table, profiles, view)).layouts
+
+
+def test_wattplan_replans_out_of_cycle_when_a_surge_beats_the_plan(table, profiles) -> None:
+    # Windows of three 600 s steps; the load triples at step 3, just as window [3, 6) starts.
+    # Its plan was made at step 2 seeing steps 0-1; at step 5 (lead: one step) step 3 is
+    # visible and beats the planned rate, so steps 5 and on are re-planned for it.
+    rates = {"SS": [4.0, 4.0, 4.0, 14.0, 14.0, 14.0, 14.0, 14.0, 14.0]}
+    view = view_of(rate_workload(rates, cv=0.0), 600)
+    once = run_policy("wattplan", _context(table, profiles, view, surge_replan=False))
+    again = run_policy("wattplan", _context(table, profiles, view))
+    assert "surge_replans" not in once.decisions
+    assert again.decisions["surge_replans"] >= 1 and again.decisions["plans"] == 3
+    assert again.layouts[:5] == once.layouts[:5]  # nothing before the re-plan changes
+    assert _capacity(table, once.layouts[5], "SS") < 14.0
+    assert _capacity(table, again.layouts[5], "SS") >= 14.0
+    assert again.planned_rps[0, 5] >= 14.0 and once.planned_rps[0, 5] < 14.0
+    # no surge, no re-plan
+    steady = view_of(rate_workload({"SS": [4.0] * 9}, cv=0.0), 600)
+    assert run_policy("wattplan", _context(table, profiles, steady)).decisions["surge_replans"] == 0
+
+
 def test_wattplan_keeps_the_running_layout_when_nothing_fits(table, profiles) -> None:
     view = view_of(rate_workload({"SS": [9.0] * 6}, cv=0.0), 600)
     schedule = run_policy("wattplan", _context(table, profiles, view, gpu_inventory=1))

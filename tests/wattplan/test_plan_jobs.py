@@ -26,6 +26,7 @@ def _profile(config: ServingConfig, rtype: str = "MM") -> Profile:
 def _seed(engine: sa.Engine, peak_rps: float) -> Settings:
     settings = replace(
         Settings.from_env({}),
+        target_utilization=1.0,  # sized at SLO capacity: the counts below are exact
         cluster="c1",
         gpu_inventory=8,
         profile_version="t1",
@@ -78,6 +79,20 @@ def test_degraded_plan_is_stored_and_never_auto_approved(engine: sa.Engine) -> N
     # a person may still approve it
     jobs.record_decision(engine, plan_id, "approved", "operator", WINDOW, "accept the shortfall")
     assert jobs.decide_approval(engine, settings, plan_id, WINDOW).route == "auto"
+
+
+def test_target_utilization_gives_each_pool_headroom_over_its_forecast(
+    engine: sa.Engine,
+) -> None:
+    settings = _seed(engine, peak_rps=8.5)  # one TP4 (10 rps of SLO capacity) carries it
+    at_capacity = jobs.load_plan(engine, jobs.propose_plan(engine, settings, WINDOW))[0]
+    assert [(i.config.tp, i.instances) for i in at_capacity.layout.items] == [(4, 1)]
+    headroom = replace(settings, target_utilization=0.8)  # sized for 8.5 / 0.8 = 10.6 rps
+    plan = jobs.load_plan(engine, jobs.propose_plan(engine, headroom, WINDOW))[0]
+    assert [(i.config.tp, i.instances) for i in plan.layout.items] == [(4, 2)]
+    assert plan.plan_id != at_capacity.plan_id  # the headroom is part of the input digest
+    with pytest.raises(ConfigError, match="WATTPLAN_TARGET_UTILIZATION=0.3"):
+        Settings.from_env({"WATTPLAN_TARGET_UTILIZATION": "0.3"})
 
 
 def test_optimizer_settings_are_read_and_checked() -> None:
