@@ -731,9 +731,10 @@ def _plan_windows(
         shrunk += "demand_share" in record and not record.get("kept_current")
         current = layout
         layouts.extend([layout] * steps)
-        seen = max(1, k - surge_lead) if surge_lead is not None else 0
+        lead = surge_lead if surge_lead is not None else 0
+        seen = max(1, k - lead)
         for j in range(k + 1, k + steps) if surge_lead is not None else ():
-            visible_end = max(1, j - surge_lead)
+            visible_end = max(1, j - lead)
             floored = _surge_floor(ctx, forecasts, seen, visible_end)
             seen = max(seen, visible_end)
             if floored is None:
