@@ -8,36 +8,12 @@ import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from telemetry.gpu import MEASUREMENT_FIELDS, SAMPLE_KEYS, GpuScan, SeenSamples, micros
 from telemetry.gpu_spool import SPOOL_HEADER, _scan_vectorised, format_spool_line, scan_spool_bytes
-
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def record(**overrides: Any) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        "gpu_uuid": "GPU-6b1f3c2e-58d4-4e0b-9a7c-2f1d3e4a5b60",
-        "sampled_at": T0,
-        "node": "gpu-node-7",
-        "gpu_index": 0,
-        "instance_id": "inst-a",
-        "energy_mj": 51_234_567_890,
-        "power_w": 412.345,
-        "sm_clock_mhz": 1980,
-        "memory_clock_mhz": 2619,
-        "applied_sm_clock_mhz": None,
-        "power_limit_w": 700.0,
-        "utilization_pct": 87.0,
-        "memory_used_bytes": 76_235_669_504,
-        "temperature_c": 54.0,
-        "unsupported_fields": ["applied_sm_clock_mhz"],
-    }
-    values.update(overrides)
-    return values
+from tests.telemetry.test_gpu_parse import FUZZ, T0, record  # one sample record for both formats
 
 
 def spool(records: list[dict[str, Any]], extra: list[str] = ()) -> bytes:  # type: ignore[assignment]
